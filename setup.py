@@ -1,0 +1,39 @@
+"""Packaging for rerank: fast retrieval and smart reranking for image-text search in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="rerank",
+    version="0.1.0",
+    description="Retrieve Fast, Rerank Smart: joint bi-/cross-encoders for image-text retrieval in JAX/Flax.",
+    packages=setuptools.find_packages(include=["rerank", "rerank.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # JAX 0.11+ needs Python 3.12; 0.10.x is the newest line that installs on 3.11.
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        # Linen API as used here; 0.12 is the line that pairs with jax 0.10.
+        "flax>=0.12,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        # Tokenizers and configs only: transformers 5.x ships no Flax models.
+        "transformers>=4.40",
+        "tokenizers>=0.19",
+        # Reads/builds array_record datasets without TensorFlow; needs importlib_resources then.
+        "tensorflow-datasets>=4.9.7",
+        "importlib_resources",
+        "scann>=1.4.2",
+        "numpy>=1.26",
+        "tqdm",
+        "safetensors",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.87"],
+        # A plain `torch` pulls a multi-GB CUDA build on most machines; keep it opt-in.
+        "torch": ["torch>=2.3"],
+    },
+)
