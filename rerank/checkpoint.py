@@ -1,0 +1,65 @@
+"""Orbax checkpoints in a workdir: the newest few for resuming, and the best by dev score.
+
+Layout: `DIR/checkpoints/<step>/` (full train state, the last `keep` steps) and
+`DIR/best/<step>/` (parameters only, the single best dev score). Orbax writes each step to a
+temporary directory and renames it when complete, so a crash never leaves a half checkpoint
+that looks finished; saves are asynchronous, so training continues while they are written.
+"""
+
+import os
+
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """The two managers of a workdir."""
+
+  def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
+    workdir = os.path.abspath(workdir)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                             create=True))
+    self.best = ocp.CheckpointManager(
+        os.path.join(workdir, "best"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m["dev_score"], best_mode="max",
+            enable_async_checkpointing=async_save, create=True))
+
+  def save(self, step: int, state) -> None:
+    self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def save_best(self, step: int, params, dev_score: float) -> None:
+    self.best.save(step, args=ocp.args.StandardSave({"params": params}),
+                   metrics={"dev_score": float(dev_score)}, force=True)
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def restore_state(self, abstract_state, step: int | None = None):
+    """The train state at `step` (default newest), laid out like `abstract_state`."""
+    step = self.latest.latest_step() if step is None else step
+    return self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def restore_params(self, abstract_state, prefer_best: bool = True):
+    """(params, description) from the best checkpoint if any (and preferred), else the newest.
+
+    Returns (None, None) when the workdir holds no checkpoint.
+    """
+    best_step = self.best.best_step() if prefer_best else None
+    if best_step is not None:
+      tree = self.best.restore(
+          best_step, args=ocp.args.StandardRestore({"params": abstract_state["params"]}))
+      return tree["params"], f"best (step {best_step})"
+    step = self.latest.latest_step()
+    if step is None:
+      return None, None
+    return self.restore_state(abstract_state, step)["params"], f"latest (step {step})"
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

@@ -1,0 +1,44 @@
+"""Command-line plumbing shared by the entry points: config flag, workdir, one-line errors."""
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def fail(message: str, code: int = 2):
+  """Prints one actionable line to stderr and exits non-zero."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def define_config_flag():
+  return config_flags.DEFINE_config_file(
+      "config", None, "Experiment config: configs/NAME.py[:ARGS]; override any field with "
+      "--config.FIELD=VALUE.", lock_config=True)
+
+
+def load_config(config_flag):
+  """The parsed config; a missing file or a bad override becomes one error line."""
+  try:
+    config = config_flag.value
+  except (AttributeError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+    fail(f"--config: {e}")
+  if config is None:
+    fail("--config is required, e.g. --config=configs/demo.py")
+  return config
+
+
+def make_workdir(path: str | None) -> str:
+  if not path:
+    fail("--workdir is required, e.g. --workdir=workdirs/demo")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, ".write_test")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    fail(f"cannot create or write workdir {path!r}: {e.strerror or e}")
+  return path

@@ -1,0 +1,96 @@
+"""Training batches for the bi-encoder and the cross-encoder, a pure function of (seed, step).
+
+A retrieval split is captions pointing at images (`caption_image[t]` = image row of caption t).
+Each epoch visits every caption once in a seeded permutation; the batch at global step s is
+computed from (seed, s) alone, so resuming mid-epoch needs nothing but the step number.
+
+- BE batch: B captions, their images and image ids (the loss masks same-image pairs).
+- CE batch: for each caption 1 positive pair (caption, its image) and 1 negative pair: with
+  p=0.5 a random other image, else a random caption of another image paired with this
+  caption's image (as the authors' code). Pairs are laid out [positives; negatives] -> 2B.
+"""
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalData:
+  """A split in model-ready form: tokenised captions plus an image feature lookup."""
+
+  token_ids: np.ndarray       # [T, L] int32
+  text_mask: np.ndarray       # [T, L] bool
+  caption_image: np.ndarray   # [T] int32 image row of each caption
+  image_ids: np.ndarray       # [N] int64
+  # rows [B] -> (regions [B, R, F+box] float32, region_mask [B, R] bool)
+  region_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+  @property
+  def num_texts(self) -> int:
+    return len(self.caption_image)
+
+  @property
+  def num_images(self) -> int:
+    return len(self.image_ids)
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
+
+
+def caption_rows(num_texts: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Caption indices [B] of global step `step`: epoch-wise seeded permutations, no caption dropped."""
+  start = step * batch_size
+  out = []
+  while len(out) < batch_size:
+    epoch, offset = divmod(start, num_texts)
+    perm = _rng(seed, 0, epoch).permutation(num_texts)
+    take = perm[offset:offset + batch_size - len(out)]
+    out.extend(take.tolist())
+    start += len(take)
+  return np.asarray(out, np.int64)
+
+
+def be_batch(data: RetrievalData, rows: np.ndarray) -> dict[str, np.ndarray]:
+  img_rows = data.caption_image[rows]
+  regions, region_mask = data.region_features(img_rows)
+  return {"token_ids": data.token_ids[rows], "text_mask": data.text_mask[rows],
+          "regions": regions, "region_mask": region_mask,
+          "image_ids": data.image_ids[img_rows]}
+
+
+def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """2B pairs: [positives; negatives] with labels [1]*B + [0]*B."""
+  b = len(rows)
+  img_rows = data.caption_image[rows]
+  neg_img = img_rows.copy()
+  neg_txt = rows.copy()
+  swap_image = rng.random(b) < 0.5
+  for i in range(b):
+    own = data.image_ids[img_rows[i]]
+    if swap_image[i]:
+      # A random other image (by id: two rows may share an id in merged corpora).
+      while data.image_ids[neg_img[i]] == own:
+        neg_img[i] = rng.integers(data.num_images)
+    else:
+      while data.image_ids[data.caption_image[neg_txt[i]]] == own:
+        neg_txt[i] = rng.integers(data.num_texts)
+  txt = np.concatenate([rows, neg_txt])
+  img = np.concatenate([img_rows, neg_img])
+  regions, region_mask = data.region_features(img)
+  return {"token_ids": data.token_ids[txt], "text_mask": data.text_mask[txt],
+          "regions": regions, "region_mask": region_mask,
+          "labels": np.concatenate([np.ones(b, np.int32), np.zeros(b, np.int32)])}
+
+
+def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int) -> dict:
+  """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}."""
+  rows = caption_rows(data.num_texts, batch_size, seed, step)
+  out = {}
+  if mode != "ce":
+    out["be"] = be_batch(data, rows)
+  if mode != "be":
+    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step))
+  return out

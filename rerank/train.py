@@ -1,0 +1,149 @@
+r"""Trains a retrieval model from a config file, then evaluates it on the test split.
+
+  python -m rerank.train --config=configs/demo.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE]
+
+Writes DIR/metrics.jsonl (one JSON object per logged step), TensorBoard events under
+DIR/tensorboard, checkpoints under DIR/checkpoints (newest) and DIR/best (best dev score),
+and DIR/results.json + DIR/results.md. Rerunning the same command resumes from the newest
+checkpoint in DIR; a finished run only re-evaluates.
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from rerank import checkpoint
+from rerank import cli
+from rerank import evaluate
+from rerank import metric_writer
+from rerank import steps
+from rerank.data import batches
+from rerank.data import datasets
+
+_CONFIG = cli.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
+
+
+def main(argv):
+  del argv
+  config = cli.load_config(_CONFIG)
+  workdir = cli.make_workdir(_WORKDIR.value)
+  is_main = jax.process_index() == 0
+  log = print if is_main else (lambda *a, **k: None)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+
+  # ---------------------------------------------------------------- mesh
+  # Data parallel over every device; parameters replicated. Finer layouts (FSDP, tensor
+  # parallel) come from logical-axis rules in the scale-out work.
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  replicated = NamedSharding(mesh, P())
+  data_sharded = NamedSharding(mesh, P("data"))
+  if config.batch_size % jax.device_count():
+    cli.fail(f"config.batch_size: expected a multiple of the {jax.device_count()} devices; "
+             f"found {config.batch_size}")
+
+  # ---------------------------------------------------------------- input
+  t0 = time.perf_counter()
+  tokenizer = datasets.get_tokenizer(config)
+  ds = config.dataset
+  train, _ = datasets.load_split(config, "train", tokenizer, ds.num_train_images or None)
+  dev, _ = datasets.load_split(config, "dev", tokenizer, ds.num_dev_images or None)
+  log(f"data: train {train.num_images} images / {train.num_texts} captions, dev "
+      f"{dev.num_images} / {dev.num_texts} ({time.perf_counter() - t0:.1f}s)")
+
+  # ---------------------------------------------------------------- model and optimizer
+  model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+  tx = steps.optimizer(config)
+
+  def init_state(rng):
+    r_init, r_train = jax.random.split(rng)
+    params = steps.init_params(model, config, r_init)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": steps.init_opt_state(tx, params, config.mode), "rng": r_train}
+
+  # Jitted init creates the parameters directly with their sharding.
+  state = jax.jit(init_state, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
+  log(f"model: mode={config.mode} size={config.model.hidden_size}x{config.model.num_layers} "
+      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform})")
+
+  # ---------------------------------------------------------------- resume
+  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+  start = 0
+  if ckpts.latest_step() is not None:
+    state = ckpts.restore_state(jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+    start = int(state["step"])
+    log(f"resumed from {workdir}/checkpoints at step {start}")
+
+  # ---------------------------------------------------------------- update step
+  train_step = jax.jit(steps.make_train_step(model, config, tx), donate_argnums=(0,),
+                       in_shardings=(replicated, data_sharded), out_shardings=(replicated, replicated))
+
+  # ---------------------------------------------------------------- evaluators
+  scorer = evaluate.Scorer(model, config.mode, config.eval.batch_size)
+
+  def dev_score(params) -> float:
+    """Mean of R@1/5/10 both directions on dev: BE when the mode has one, else CE on a sample."""
+    methods = ("BE",) if config.mode != "ce" else ("CE",)
+    rows = evaluate.evaluate(scorer.set_params(params), dev, config.mode, config.eval,
+                             seed=config.seed, methods=methods, log=lambda *_: None)
+    return rows[0]["mR"]
+
+  # ---------------------------------------------------------------- loop
+  writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main)
+  total = config.total_steps
+  t_last, s_last = time.perf_counter(), start
+  for step in range(start + 1, total + 1):
+    batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1)
+    state, step_metrics = train_step(state, batch)
+    if step % config.log_every == 0 or step == total:
+      step_metrics = jax.device_get(step_metrics)
+      now = time.perf_counter()
+      rate = (step - s_last) / (now - t_last)
+      t_last, s_last = now, step
+      writer.write(step, {**step_metrics, "steps_per_second": rate})
+      shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(step_metrics.items())
+                       if k.endswith("loss") or k.endswith("acc"))
+      log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
+          flush=True)
+    if config.eval_every and (step % config.eval_every == 0 or step == total):
+      score = dev_score(state["params"])
+      writer.write(step, {"dev_score": score})
+      ckpts.save_best(step, state["params"], score)
+      log(f"step {step}: dev mR {score:.2f}")
+    if step % config.checkpoint_every == 0 or step == total:
+      ckpts.save(step, state)
+  ckpts.wait()
+  writer.close()
+
+  # ---------------------------------------------------------------- final evaluation
+  params, which = state["params"], f"final (step {int(state['step'])})"
+  if config.eval.use_best and ckpts.best.best_step() is not None:
+    params, which = ckpts.restore_params(state, prefer_best=True)
+  ckpts.close()
+  test, _ = datasets.load_split(config, config.eval.split, tokenizer, ds.num_test_images or None)
+  log(f"evaluating {which} parameters on {config.eval.split}: {test.num_images} images, "
+      f"{test.num_texts} texts")
+  rows = evaluate.evaluate(scorer.set_params(params), test, config.mode, config.eval,
+                           seed=config.seed, log=log)
+  results = {"dataset": ds.name, "split": config.eval.split, "num_images": test.num_images,
+             "num_texts": test.num_texts, "checkpoint": which, "rows": rows}
+  if is_main:
+    table = evaluate.write_results(workdir, results)
+    log("\n" + table)
+    log(f"wrote {workdir}/results.json, results.md, metrics.jsonl")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
