@@ -4,6 +4,7 @@ import os
 import sys
 
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 
@@ -42,3 +43,8 @@ def make_workdir(path: str | None) -> str:
   except OSError as e:
     fail(f"cannot create or write workdir {path!r}: {e.strerror or e}")
   return path
+
+
+def quiet_library_logs():
+  """Orbax logs every checkpoint event at INFO through absl; keep the console for progress."""
+  logging.set_verbosity(logging.WARNING)

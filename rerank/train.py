@@ -33,6 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resu
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   config = cli.load_config(_CONFIG)
   workdir = cli.make_workdir(_WORKDIR.value)
   is_main = jax.process_index() == 0
