@@ -23,7 +23,7 @@ def get_config(arg=None):
 
   c.dataset = dict(name="synthetic_scenes", seed=0, family_size=4, noise_std=1.0,
                    num_train_images=0, num_dev_images=200, num_test_images=0)  # 0 = full split
-  c.max_text_len = 32
+  c.max_text_len = 40
   c.max_regions = 4
 
   c.model = config_utils.model_config(arg.size)
@@ -31,12 +31,17 @@ def get_config(arg=None):
 
   c.batch_size = 64
   c.total_steps = 1600
-  c.lr = 5e-4
+  c.lr = 1e-3
   c.warmup_steps = 100
   c.weight_decay = 0.05
   c.adam_eps = 1e-6
   c.clip_norm = 1.0
-  c.loss = dict(be="vsepp", margin=0.1, temperature=0.05, ce_weight=1.0)
+  # From random init, VSE++'s hardest negative collapses (loss stuck at 2 * margin, seen here);
+  # the paper's VSE++ starts from pretrained weights. InfoNCE trains from scratch.
+  c.loss = dict(be="infonce", margin=0.1, temperature=0.05, ce_weight=1.0)
+  # ANCE-style: every `every` steps from `start`, the current BE mines its `top` neighbours
+  # of each upcoming caption; the CE takes one as its negative with probability `ce_prob`.
+  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0)
 
   c.log_every = 50
   c.checkpoint_every = 500

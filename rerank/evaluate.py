@@ -43,6 +43,17 @@ def _batched(fn, n: int, batch_size: int, desc: str | None = None):
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def _trim(token_ids: np.ndarray, text_mask: np.ndarray, multiple: int = 8):
+  """Drops padding columns beyond the longest text (rounded up to `multiple`).
+
+  Padding changes no output, and eval batches are often much shorter than max_text_len; a few
+  length buckets bound the number of compiled shapes.
+  """
+  longest = int(text_mask.sum(axis=1).max()) if len(text_mask) else 1
+  width = min(-(-longest // multiple) * multiple, token_ids.shape[1])
+  return token_ids[:, :width], text_mask[:, :width]
+
+
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
   """Pads axis 0 to `size` by repeating row 0, so every jitted call sees one shape."""
   if len(x) == size:
@@ -82,7 +93,7 @@ class Scorer:
   def texts(self, data, rows) -> np.ndarray:  # [len(rows), H] unit vectors
     def chunk(a, b):
       r = rows[a:b]
-      return self._run(self._text, self.be_params, data.token_ids[r], data.text_mask[r])
+      return self._run(self._text, self.be_params, *_trim(data.token_ids[r], data.text_mask[r]))
     return _batched(chunk, len(rows), self.batch_size)
 
   def images(self, data, rows) -> np.ndarray:  # [len(rows), H] unit vectors
@@ -94,7 +105,8 @@ class Scorer:
     def chunk(a, b):
       t = text_rows[a:b]
       regions, region_mask = data.region_features(image_rows[a:b])
-      return self._run(self._pairs, self.ce_params, data.token_ids[t], data.text_mask[t], regions, region_mask)
+      return self._run(self._pairs, self.ce_params, *_trim(data.token_ids[t], data.text_mask[t]),
+                       regions, region_mask)
     return _batched(chunk, len(text_rows), self.batch_size, desc)
 
 
@@ -199,3 +211,61 @@ def write_results(workdir: str, results: dict) -> str:
       f.write(text)
     os.replace(tmp, os.path.join(workdir, name))
   return table
+
+
+# ------------------------------------------------------------------ CLI
+
+def main(argv):
+  del argv
+  from rerank import checkpoint, cli, steps  # noqa: PLC0415  (CLI-only imports)
+  from rerank.data import datasets  # noqa: PLC0415
+
+  cli.quiet_library_logs()
+  config = cli.load_config(_CONFIG)
+  workdir = _WORKDIR.value
+  if not workdir or not os.path.isdir(workdir):
+    cli.fail(f"--workdir {workdir!r} does not exist; train first with "
+             f"python -m rerank.train --config=... --workdir={workdir}")
+  ckpt_dirs = [os.path.join(workdir, d) for d in ("checkpoints", "best")]
+  if not any(os.path.isdir(d) and os.listdir(d) for d in ckpt_dirs):
+    cli.fail(f"no checkpoint in {workdir!r} (looked in {', '.join(ckpt_dirs)}); "
+             "train first or pass the workdir of a trained run")
+  tokenizer = datasets.get_tokenizer(config)
+  model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+  tx = steps.optimizer(config)
+
+  def init_state(rng):
+    params = steps.init_params(model, config, rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": steps.init_opt_state(tx, params, config.mode), "rng": rng}
+
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+  try:
+    params, which = ckpts.restore_params(abstract, prefer_best=config.eval.use_best and not _LATEST.value)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    cli.fail(f"checkpoint in {workdir!r} does not match config (mode={config.mode}, "
+             f"model={config.model.hidden_size}x{config.model.num_layers}): {e}")
+  finally:
+    ckpts.close()
+  ds = config.dataset
+  data, _ = datasets.load_split(config, config.eval.split, tokenizer, ds.num_test_images or None)
+  print(f"evaluating {which} parameters on {config.eval.split}: {data.num_images} images, "
+        f"{data.num_texts} texts")
+  scorer = Scorer(model, config.mode, config.eval.batch_size, params)
+  rows = evaluate(scorer, data, config.mode, config.eval, seed=config.seed)
+  results = {"dataset": ds.name, "split": config.eval.split, "num_images": data.num_images,
+             "num_texts": data.num_texts, "checkpoint": which, "rows": rows}
+  print("\n" + write_results(workdir, results))
+
+
+if __name__ == "__main__":
+  # Flags live here, not at import time, so rerank.train can import this module without a
+  # clash over --config.
+  from absl import app, flags  # noqa: PLC0415
+  from rerank import cli  # noqa: PLC0415
+
+  _CONFIG = cli.define_config_flag()
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
+  _LATEST = flags.DEFINE_bool("latest", False, "Evaluate the newest checkpoint instead of the best.")
+  app.run(main)

@@ -105,7 +105,7 @@ def ce_loss(model, params, batch, rng):
 def _update(tx, loss_fn, params, opt_state, prefix: str):
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
-  metrics[f"{prefix}grad_norm"] = optax.global_norm(grads)
+  metrics[f"{prefix}grad_norm"] = optax.tree.norm(grads)
   return optax.apply_updates(params, updates), opt_state, loss, metrics
 
 

@@ -23,12 +23,16 @@ from rerank import checkpoint
 from rerank import cli
 from rerank import evaluate
 from rerank import metric_writer
+from rerank import mining
 from rerank import steps
 from rerank.data import batches
 from rerank.data import datasets
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", 0, "Checkpoint and exit after this many steps of this invocation (0 = run to the "
+    "end); rerunning the same command continues. For time-sliced jobs and resume tests.")
 
 
 def main(argv):
@@ -103,9 +107,23 @@ def main(argv):
   # ---------------------------------------------------------------- loop
   writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main)
   total = config.total_steps
+  hn = config.hard_negatives
+  if hn.every and config.mode not in ("joint_alternate", "joint_sum", "separate"):
+    cli.fail(f"config.hard_negatives needs a BE and a CE (a joint or separate mode); "
+             f"found mode={config.mode!r}")
+  mined = None
   t_last, s_last = time.perf_counter(), start
   for step in range(start + 1, total + 1):
-    batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1)
+    if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0 or mined is None):
+      # Mine for the rest of this window with the current BE (also right after a resume).
+      window_end = step - 1 + hn.every - (step - 1 - hn.start) % hn.every
+      t0 = time.perf_counter()
+      mined = mining.mine_window(scorer.set_params(state["params"]), train, config, step - 1,
+                                 min(window_end, total) - (step - 1))
+      log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
+          f"({time.perf_counter() - t0:.1f}s)")
+    batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
+                                mined, hn.ce_prob)
     state, step_metrics = train_step(state, batch)
     if step % config.log_every == 0 or step == total:
       step_metrics = jax.device_get(step_metrics)
@@ -122,8 +140,13 @@ def main(argv):
       writer.write(step, {"dev_score": score})
       ckpts.save_best(step, state["params"], score)
       log(f"step {step}: dev mR {score:.2f}")
-    if step % config.checkpoint_every == 0 or step == total:
+    stopping = _STOP_AFTER.value and step - start >= _STOP_AFTER.value and step < total
+    if step % config.checkpoint_every == 0 or step == total or stopping:
       ckpts.save(step, state)
+    if stopping:
+      ckpts.wait()
+      log(f"stopped after step {step} (--stop_after={_STOP_AFTER.value}); rerun to continue")
+      return
   ckpts.wait()
   writer.close()
 

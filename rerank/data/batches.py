@@ -61,16 +61,24 @@ def be_batch(data: RetrievalData, rows: np.ndarray) -> dict[str, np.ndarray]:
           "image_ids": data.image_ids[img_rows]}
 
 
-def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """2B pairs: [positives; negatives] with labels [1]*B + [0]*B."""
+def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
+             mined: dict | None = None, hard_prob: float = 0.0) -> dict[str, np.ndarray]:
+  """2B pairs: [positives; negatives] with labels [1]*B + [0]*B.
+
+  With `mined` (caption row -> [K] image rows of hard negatives, see `rerank.mining`), each
+  caption takes one of its mined images as the negative with probability `hard_prob`.
+  """
   b = len(rows)
   img_rows = data.caption_image[rows]
   neg_img = img_rows.copy()
   neg_txt = rows.copy()
   swap_image = rng.random(b) < 0.5
+  use_mined = rng.random(b) < hard_prob
   for i in range(b):
     own = data.image_ids[img_rows[i]]
-    if swap_image[i]:
+    if use_mined[i] and mined is not None and int(rows[i]) in mined:
+      neg_img[i] = rng.choice(mined[int(rows[i])])
+    elif swap_image[i]:
       # A random other image (by id: two rows may share an id in merged corpora).
       while data.image_ids[neg_img[i]] == own:
         neg_img[i] = rng.integers(data.num_images)
@@ -85,12 +93,13 @@ def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator) ->
           "labels": np.concatenate([np.ones(b, np.int32), np.zeros(b, np.int32)])}
 
 
-def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int) -> dict:
+def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int,
+                mined: dict | None = None, hard_prob: float = 0.0) -> dict:
   """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}."""
   rows = caption_rows(data.num_texts, batch_size, seed, step)
   out = {}
   if mode != "ce":
     out["be"] = be_batch(data, rows)
   if mode != "be":
-    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step))
+    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step), mined, hard_prob)
   return out

@@ -1,0 +1,74 @@
+"""Training batches: deterministic from (seed, step), epochs cover every caption, CE pairs valid."""
+
+import numpy as np
+
+from rerank.data import batches
+
+
+def _data(num_images=12, per_image=3):
+  caption_image = np.repeat(np.arange(num_images), per_image).astype(np.int32)
+  t = len(caption_image)
+
+  def region_features(rows):
+    rows = np.asarray(rows)
+    regions = np.zeros((len(rows), 2, 5), np.float32) + rows[:, None, None]
+    return regions, np.ones((len(rows), 2), bool)
+
+  return batches.RetrievalData(
+      token_ids=np.arange(t, dtype=np.int32)[:, None].repeat(4, 1), text_mask=np.ones((t, 4), bool),
+      caption_image=caption_image, image_ids=np.arange(num_images, dtype=np.int64) + 100,
+      region_features=region_features)
+
+
+def test_caption_rows_cover_each_epoch_exactly_once_and_depend_on_seed():
+  t, b = 36, 5
+  rows = np.concatenate([batches.caption_rows(t, b, 7, s) for s in range(36)])  # 5 epochs
+  for epoch in range(5):
+    assert sorted(rows[epoch * t:(epoch + 1) * t].tolist()) == list(range(t))
+  assert not np.array_equal(rows[:t], rows[t:2 * t])  # reshuffled per epoch
+  again = np.concatenate([batches.caption_rows(t, b, 7, s) for s in range(36)])
+  np.testing.assert_array_equal(rows, again)
+  other = np.concatenate([batches.caption_rows(t, b, 8, s) for s in range(36)])
+  assert not np.array_equal(rows, other)
+
+
+def test_train_batch_is_a_pure_function_of_step():
+  data = _data()
+  a = batches.train_batch(data, "joint_alternate", 6, 3, 11)
+  _ = batches.train_batch(data, "joint_alternate", 6, 3, 4)  # other calls in between change nothing
+  b = batches.train_batch(data, "joint_alternate", 6, 3, 11)
+  for part in ("be", "ce"):
+    for key in a[part]:
+      np.testing.assert_array_equal(a[part][key], b[part][key])
+  assert set(batches.train_batch(data, "be", 6, 3, 0)) == {"be"}
+  assert set(batches.train_batch(data, "ce", 6, 3, 0)) == {"ce"}
+
+
+def test_be_batch_pairs_captions_with_their_images():
+  data = _data()
+  be = batches.train_batch(data, "be", 8, 0, 2)["be"]
+  caption = be["token_ids"][:, 0]
+  np.testing.assert_array_equal(be["image_ids"], data.image_ids[data.caption_image[caption]])
+  np.testing.assert_array_equal(be["regions"][:, 0, 0], data.caption_image[caption])
+
+
+def test_ce_pairs_one_positive_one_negative_per_caption_half_image_half_caption_swaps():
+  data = _data(num_images=40, per_image=5)
+  n_img_swaps = n_txt_swaps = 0
+  for step in range(40):
+    ce = batches.train_batch(data, "ce", 16, 1, step)["ce"]
+    b = 16
+    assert ce["labels"].tolist() == [1] * b + [0] * b
+    caption = ce["token_ids"][:, 0]
+    image_row = ce["regions"][:, 0, 0].astype(int)
+    match = data.caption_image[caption] == image_row
+    assert match[:b].all() and not match[b:].any()
+    pos_caption, neg_caption = caption[:b], caption[b:]
+    pos_image, neg_image = image_row[:b], image_row[b:]
+    swapped_image = (neg_caption == pos_caption) & (neg_image != pos_image)
+    swapped_text = (neg_caption != pos_caption) & (neg_image == pos_image)
+    assert (swapped_image ^ swapped_text).all()
+    n_img_swaps += swapped_image.sum()
+    n_txt_swaps += swapped_text.sum()
+  frac = n_img_swaps / (n_img_swaps + n_txt_swaps)
+  assert 0.42 < frac < 0.58, frac
