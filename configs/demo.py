@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.keep_checkpoints = 2
   c.eval_every = 400  # dev evaluation (BE mR) and best-checkpoint tracking; 0 = off
 
-  c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=200, ce_queries_i2t=40,
+  c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=20,
                 rr_queries_t2i=0, rr_queries_i2t=0, use_best=True)  # 0 = all queries
 
   if arg.runlocal:

@@ -12,15 +12,18 @@ from rerank.data import batches
 
 
 def mine_image_negatives(scorer, data: batches.RetrievalData, caption_rows: np.ndarray,
-                         top: int) -> np.ndarray:
+                         top: int, chunk: int = 1024) -> np.ndarray:
   """[len(caption_rows), top] image rows most similar to each caption by BE, own image excluded."""
   img_emb = scorer.images(data, np.arange(data.num_images))  # [N, H]
   txt_emb = scorer.texts(data, caption_rows)  # [C, H]
-  sims = txt_emb @ img_emb.T  # [C, N]
-  own = data.image_ids[data.caption_image[caption_rows]]
-  sims[data.image_ids[None, :] == own[:, None]] = -np.inf
+  own = data.image_ids[data.caption_image[caption_rows]]  # [C]
   top = min(top, data.num_images - 1)
-  return np.argpartition(-sims, top - 1, axis=1)[:, :top]
+  out = []
+  for a in range(0, len(caption_rows), chunk):  # chunks bound the [chunk, N] similarity block
+    sims = txt_emb[a:a + chunk] @ img_emb.T
+    sims[data.image_ids[None, :] == own[a:a + chunk, None]] = -np.inf
+    out.append(np.argpartition(-sims, top - 1, axis=1)[:, :top])
+  return np.concatenate(out) if out else np.zeros((0, top), np.int64)
 
 
 def mine_window(scorer, data, config, first_step: int, num_steps: int) -> dict[int, np.ndarray]:
