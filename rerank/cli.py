@@ -24,8 +24,10 @@ def load_config(config_flag):
   """The parsed config; a missing file or a bad override becomes one error line."""
   try:
     config = config_flag.value
-  except (AttributeError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
-    fail(f"--config: {e}")
+    config.keys()  # a config file that failed to load raises only on first use
+  except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+    fail(f"--config: {detail[-1] if detail else e}")
   if config is None:
     fail("--config is required, e.g. --config=configs/demo.py")
   return config
@@ -48,3 +50,20 @@ def make_workdir(path: str | None) -> str:
 def quiet_library_logs():
   """Orbax logs every checkpoint event at INFO through absl; keep the console for progress."""
   logging.set_verbosity(logging.WARNING)
+
+
+def parse_flags(argv):
+  """absl flag parser that turns config-file and override errors into one `error:` line.
+
+  Pass as `app.run(main, flags_parser=cli.parse_flags)`.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    detail = [line.strip() for line in str(e).splitlines() if line.strip()]
+    last = detail[-1] if detail else type(e).__name__
+    overrides = [a.split("=", 1)[0][2:] for a in argv if a.startswith("--config.")]
+    unknown = [o for o in overrides if o.rsplit(".", 1)[-1].strip("'\"") in last]
+    if isinstance(e, (AttributeError, KeyError)) and unknown:
+      fail(f"--{unknown[0]}: no such config field; see the config file for the valid ones")
+    fail(f"bad flags: {last}")

@@ -268,4 +268,4 @@ if __name__ == "__main__":
   _CONFIG = cli.define_config_flag()
   _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
   _LATEST = flags.DEFINE_bool("latest", False, "Evaluate the newest checkpoint instead of the best.")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

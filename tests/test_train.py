@@ -142,6 +142,8 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
       "--config.no_such_field=1"], "no_such_field"),
     (["rerank.train", "--config=configs/demo.py:runlocal", "--workdir={tmp}/file/w"], "workdir"),
     (["rerank.train", "--config=configs/demo.py:bogus", "--workdir={tmp}/w"], "bogus"),
+    (["rerank.train", "--config=configs/nope.py", "--workdir={tmp}/w"], "configs/nope.py"),
+    (["rerank.train", "--config=configs/demo.py", "--workdir={tmp}/w", "--config.lr=abc"], "lr"),
     (["rerank.evaluate", "--config=configs/demo.py:runlocal", "--workdir={tmp}/missing"], "missing"),
     (["rerank.evaluate", "--config=configs/demo.py:runlocal", "--workdir={tmp}"], "no checkpoint"),
 ])
