@@ -234,12 +234,8 @@ def main(argv):
   model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
   tx = steps.optimizer(config)
 
-  def init_state(rng):
-    params = steps.init_params(model, config, rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": steps.init_opt_state(tx, params, config.mode), "rng": rng}
-
-  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(functools.partial(steps.init_train_state, model, config, tx),
+                            jax.random.PRNGKey(0))
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
   try:
     params, which = ckpts.restore_params(abstract, prefer_best=config.eval.use_best and not _LATEST.value)

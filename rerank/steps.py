@@ -75,6 +75,14 @@ def init_opt_state(tx, params, mode: str):
   return {"main": tx.init(params)}
 
 
+def init_train_state(model, config, tx, rng) -> dict:
+  """{step, params, opt_state, rng}: everything a checkpoint holds and resume restores."""
+  r_init, r_train = jax.random.split(rng)
+  params = init_params(model, config, r_init)
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": init_opt_state(tx, params, config.mode), "rng": r_train}
+
+
 def be_loss(model, config, params, batch, rng):
   """Bi-encoder loss on a caption batch; returns (loss, metrics)."""
   rngs = {"dropout": rng}

@@ -8,16 +8,14 @@ and DIR/results.json + DIR/results.md. Rerunning the same command resumes from t
 checkpoint in DIR; a finished run only re-evaluates.
 """
 
-import json
+import functools
 import os
 import time
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-import numpy as np
 
 from rerank import checkpoint
 from rerank import cli
@@ -69,13 +67,8 @@ def main(argv):
   model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
   tx = steps.optimizer(config)
 
-  def init_state(rng):
-    r_init, r_train = jax.random.split(rng)
-    params = steps.init_params(model, config, r_init)
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": steps.init_opt_state(tx, params, config.mode), "rng": r_train}
-
   # Jitted init creates the parameters directly with their sharding.
+  init_state = functools.partial(steps.init_train_state, model, config, tx)
   state = jax.jit(init_state, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   log(f"model: mode={config.mode} size={config.model.hidden_size}x{config.model.num_layers} "

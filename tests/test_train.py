@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -31,10 +30,7 @@ def _setup(config):
   data, _ = datasets.load_split(config, "train", tok, config.dataset.num_train_images)
   model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
-  params = steps.init_params(model, config, jax.random.PRNGKey(0))
-  state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params,
-           "opt_state": steps.init_opt_state(tx, params, config.mode), "rng": jax.random.PRNGKey(1)}
-  return data, model, tx, state
+  return data, model, tx, steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("mode", ["joint_alternate", "joint_sum", "separate"])
