@@ -37,6 +37,11 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   config = cli.load_config(_CONFIG)
+  hn = config.hard_negatives
+  if hn.every and config.mode not in ("joint_alternate", "joint_sum", "separate"):
+    cli.fail(f"config.hard_negatives needs a BE and a CE (a joint or separate mode); "
+             f"found mode={config.mode!r}")
+
   workdir = cli.make_workdir(_WORKDIR.value)
   is_main = jax.process_index() == 0
   log = print if is_main else (lambda *a, **k: None)
@@ -100,10 +105,6 @@ def main(argv):
   # ---------------------------------------------------------------- loop
   writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main)
   total = config.total_steps
-  hn = config.hard_negatives
-  if hn.every and config.mode not in ("joint_alternate", "joint_sum", "separate"):
-    cli.fail(f"config.hard_negatives needs a BE and a CE (a joint or separate mode); "
-             f"found mode={config.mode!r}")
   mined = None
   t_last, s_last = time.perf_counter(), start
   for step in range(start + 1, total + 1):
@@ -118,21 +119,25 @@ def main(argv):
     batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
                                 mined, hn.ce_prob)
     state, step_metrics = train_step(state, batch)
-    if step % config.log_every == 0 or step == total:
-      step_metrics = jax.device_get(step_metrics)
-      now = time.perf_counter()
-      rate = (step - s_last) / (now - t_last)
-      t_last, s_last = now, step
-      writer.write(step, {**step_metrics, "steps_per_second": rate})
-      shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(step_metrics.items())
-                       if k.endswith("loss") or k.endswith("acc"))
-      log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
-          flush=True)
-    if config.eval_every and (step % config.eval_every == 0 or step == total):
-      score = dev_score(state["params"])
-      writer.write(step, {"dev_score": score})
-      ckpts.save_best(step, state["params"], score)
-      log(f"step {step}: dev mR {score:.2f}")
+    is_log = step % config.log_every == 0 or step == total
+    is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
+    if is_log or is_eval:
+      # One metrics.jsonl line per logged step, always with the loss (DESIGN §4).
+      row = dict(jax.device_get(step_metrics))
+      if is_log:
+        now = time.perf_counter()
+        rate = (step - s_last) / (now - t_last)
+        t_last, s_last = now, step
+        row["steps_per_second"] = rate
+        shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(row.items())
+                         if k.endswith("loss") or k.endswith("acc"))
+        log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
+            flush=True)
+      if is_eval:
+        row["dev_score"] = dev_score(state["params"])
+        ckpts.save_best(step, state["params"], row["dev_score"])
+        log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
+      writer.write(step, row)
     stopping = _STOP_AFTER.value and step - start >= _STOP_AFTER.value and step < total
     if step % config.checkpoint_every == 0 or step == total or stopping:
       ckpts.save(step, state)

@@ -90,7 +90,9 @@ def _run(*args, cwd=REPO):
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+  assert all("loss" in r for r in rows), rows  # every line carries step and loss
+  assert len({r["step"] for r in rows}) == len(rows)  # one line per step, resumed or not
+  return {r["step"]: r["loss"] for r in rows}
 
 
 def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
@@ -116,7 +118,7 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
   assert os.path.exists(os.path.join(full, "results.md"))
   assert os.listdir(os.path.join(full, "tensorboard"))
   losses = _losses(full)
-  assert sorted(losses) == [2, 4, 6]
+  assert sorted(losses) == [2, 3, 4, 6]  # log every 2, dev eval every 3
 
   # Stop after step 3 (a checkpoint), then rerun the same command: it resumes and matches.
   r = _run("rerank.train", cfg, f"--workdir={part}", "--stop_after=3")
@@ -125,7 +127,9 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
   r = _run("rerank.train", cfg, f"--workdir={part}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "resumed" in r.stdout
-  np.testing.assert_allclose([_losses(part)[s] for s in (4, 6)], [losses[4], losses[6]], rtol=1e-6)
+  resumed = _losses(part)
+  assert sorted(resumed) == [2, 3, 4, 6]
+  np.testing.assert_allclose([resumed[s] for s in (4, 6)], [losses[4], losses[6]], rtol=1e-6)
 
   # Re-evaluation of the trained workdir through the evaluate CLI.
   r = _run("rerank.evaluate", cfg, f"--workdir={full}")
