@@ -5,8 +5,9 @@
   a seeded sample of queries (`eval.ce_queries_*`; 0 = all) against the FULL corpus.
 - RR: BE top-k, CE scores those k pairs, reranked by CE; the rest keep BE order.
 Each row records recalls (percent), mR, RSUM, measured seconds per query and the number of
-queries it was measured on. The corpus embedding is indexing work done once, so a BE query
-costs its own encoding plus the search.
+queries it was measured on. BE seconds per query = (encoding every text and image + both
+searches) / all queries of both directions, since each side is the other's query set; a RR
+query adds its k CE pairs to its share of that.
 
 CLI: `python -m rerank.evaluate --config=configs/demo.py --workdir=DIR` evaluates the best
 (else the newest) checkpoint of DIR and writes DIR/results.json and DIR/results.md.
