@@ -1,6 +1,7 @@
 """Training batches: deterministic from (seed, step), epochs cover every caption, CE pairs valid."""
 
 import numpy as np
+import pytest
 
 from rerank.data import batches
 
@@ -72,3 +73,16 @@ def test_ce_pairs_one_positive_one_negative_per_caption_half_image_half_caption_
     n_txt_swaps += swapped_text.sum()
   frac = n_img_swaps / (n_img_swaps + n_txt_swaps)
   assert 0.42 < frac < 0.58, frac
+
+
+def test_inconsistent_data_and_single_image_are_errors():
+  good = _data()
+  with pytest.raises(ValueError, match="one row per caption"):
+    batches.RetrievalData(good.token_ids[:-1], good.text_mask[:-1], good.caption_image,
+                          good.image_ids, good.region_features)
+  with pytest.raises(ValueError, match="must index"):
+    batches.RetrievalData(good.token_ids, good.text_mask, good.caption_image + 100,
+                          good.image_ids, good.region_features)
+  one = _data(num_images=1)
+  with pytest.raises(ValueError, match="two distinct images"):
+    batches.train_batch(one, "ce", 2, 0, 0)

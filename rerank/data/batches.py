@@ -27,6 +27,15 @@ class RetrievalData:
   # rows [B] -> (regions [B, R, F+box] float32, region_mask [B, R] bool)
   region_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
+  def __post_init__(self):
+    t = len(self.caption_image)
+    if self.token_ids.shape[0] != t or self.text_mask.shape != self.token_ids.shape:
+      raise ValueError(f"RetrievalData: token_ids {self.token_ids.shape} and text_mask "
+                       f"{self.text_mask.shape} must have one row per caption ({t})")
+    if t and not 0 <= self.caption_image.min() <= self.caption_image.max() < len(self.image_ids):
+      raise ValueError(f"RetrievalData: caption_image must index the {len(self.image_ids)} images; "
+                       f"found values in [{self.caption_image.min()}, {self.caption_image.max()}]")
+
   @property
   def num_texts(self) -> int:
     return len(self.caption_image)
@@ -69,6 +78,8 @@ def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
   caption takes one of its mined images as the negative with probability `hard_prob`.
   """
   b = len(rows)
+  if data.num_images < 2 or (data.image_ids == data.image_ids[0]).all():
+    raise ValueError("CE batches need at least two distinct images for negatives")
   img_rows = data.caption_image[rows]
   neg_img = img_rows.copy()
   neg_txt = rows.copy()
