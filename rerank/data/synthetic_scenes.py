@@ -9,7 +9,7 @@ the right pair, which word-region attention can do and a mean over regions canno
 Generative process (deterministic given ``(split, seed)``)
 ------------------------------------------------------------
 1. Objects. Shape (8: cube ... star), colour (8), material (4: metal, rubber, glass, wooden),
-   size (3: small, medium, large). A base scene has ``min_objects..max_objects`` objects with
+   size (3: small, medium, large). A base scene has ``min_objects..max_objects`` (<= 9) objects with
    uniform random attributes (no two identical), each in its own cell of a 3x3 grid over a
    640x480 image, centre jittered by up to 8% of a cell. Box side is 0.40 / 0.60 / 0.78 of the
    cell side for small / medium / large (+-5% per axis): size is visible in the box and boxes
