@@ -6,6 +6,7 @@ regions and zero-padded, so a 40 GB training split needs no more RAM than a batc
 """
 
 import os
+import threading
 
 import numpy as np
 import tokenizers
@@ -30,17 +31,25 @@ class RegionReader:
 
   def __init__(self, source, records: np.ndarray, max_regions: int):
     self.source, self.records, self.max_regions = source, records, max_regions
+    # The previous call's regions: a CE batch right after a BE batch re-reads its images.
+    self._last = {}
+    self._lock = threading.Lock()
 
   def __call__(self, rows):
     rows = np.asarray(rows, np.int64).reshape(-1)
     out = np.zeros((rows.size, self.max_regions, 2054), np.float32)
     mask = np.zeros((rows.size, self.max_regions), bool)
     uniq, inverse = np.unique(self.records[rows], return_inverse=True)  # CE batches repeat images
-    examples = _get(self.source, uniq.tolist())
+    with self._lock:
+      last = self._last
+    missing = [int(r) for r in uniq if int(r) not in last]
+    got = dict(zip(missing, (ex["regions"][:self.max_regions] for ex in _get(self.source, missing))))
+    regions = [last[int(r)] if int(r) in last else got[int(r)] for r in uniq]
     for i, j in enumerate(inverse):
-      r = examples[j]["regions"][:self.max_regions]
-      out[i, :len(r)] = r
-      mask[i, :len(r)] = True
+      out[i, :len(regions[j])] = regions[j]
+      mask[i, :len(regions[j])] = True
+    with self._lock:
+      self._last = dict(zip(uniq.tolist(), regions))
     return out, mask
 
 
