@@ -196,7 +196,8 @@ def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_nam
 def results_markdown(results: dict) -> str:
   """The paper-style table: one line per (model, method), recalls in percent."""
   head = (f"{results['dataset']} / {results['split']}: {results['num_images']} images, "
-          f"{results['num_texts']} texts\n\n")
+          f"{results['num_texts']} texts"
+          + (f" ({results['protocol']})" if results.get("protocol") else "") + "\n\n")
   lines = ["| model | method | k | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | mR | RSUM "
            "| s/query | queries (t2i/i2t) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
