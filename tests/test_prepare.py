@@ -101,6 +101,11 @@ def test_flickr30k_butd_exact_read_back(tmp_path, dtype):
       np.testing.assert_array_equal(g["image_size"], [e["w"], e["h"]])
       assert [c.decode() for c in g["captions"]] == e["captions"]
       assert [c.decode() for c in g["languages"]] == ["en"] * 3
+    # the caption index (metadata.json) agrees with the records
+    _, index = tfds_builders.open_split(str(tmp_path / "data"), "flickr30k_butd", split,
+                                        with_index=True)
+    assert index["image_ids"] == keys
+    assert index["captions"] == [[c.decode() for c in g["captions"]] for g in got]
 
 
 def _bad_flickr(tmp_path, kind):

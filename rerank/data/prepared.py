@@ -1,6 +1,6 @@
 """Reads a prepared (TFDS array_record) split as model-ready `RetrievalData`.
 
-Captions are read once and tokenised up front ([T, L] int32 is small); region features stay
+Captions come from the dataset's caption index (metadata.json) and are tokenised up front ([T, L] int32 is small); region features stay
 on disk and are read per batch by record index, truncated to the configured number of
 regions and zero-padded, so a 40 GB training split needs no more RAM than a batch.
 """
@@ -15,8 +15,6 @@ from tokenizers import normalizers, pre_tokenizers, processors
 from rerank.data import batches
 from rerank.data import tfds_builders
 from rerank.data.sources import SOURCES
-
-_CHUNK = 512
 
 
 def resolve_split(name: str, split: str) -> str:
@@ -59,27 +57,23 @@ def _get(source, indices: list[int]) -> list[dict]:
   return [source[i] for i in indices]
 
 
-def _text(x) -> str:
-  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
-
-
-def read_captions(source, language: str = "", num_images: int | None = None):
+def read_captions(index: dict, language: str = "", num_images: int | None = None):
   """(image_ids [N] str, captions [T], caption_image [T], record index [N]) in stored order.
 
+  `index` is the split's caption index (`tfds_builders.open_split(..., with_index=True)`).
   With `language`, only captions in that language count, and images without one are left out.
   """
   image_ids, captions, caption_image, records = [], [], [], []
-  n = len(source) if num_images is None else min(num_images, len(source))
-  for start in range(0, n, _CHUNK):
-    for i, ex in enumerate(_get(source, list(range(start, min(start + _CHUNK, n)))), start):
-      caps = [_text(c) for c, lang in zip(ex["captions"], ex["languages"])
-              if not language or _text(lang) == language]
-      if not caps:
-        continue
-      captions += caps
-      caption_image += [len(image_ids)] * len(caps)
-      image_ids.append(_text(ex["image_id"]))
-      records.append(i)
+  n = len(index["image_ids"]) if num_images is None else min(num_images, len(index["image_ids"]))
+  for i in range(n):
+    caps = [c for c, lang in zip(index["captions"][i], index["languages"][i])
+            if not language or lang == language]
+    if not caps:
+      continue
+    captions += caps
+    caption_image += [len(image_ids)] * len(caps)
+    image_ids.append(index["image_ids"][i])
+    records.append(i)
   return image_ids, captions, np.asarray(caption_image, np.int32), np.asarray(records, np.int64)
 
 
@@ -94,9 +88,8 @@ def load(config, split: str, tokenizer, tokenize, num_images=None):
   """(RetrievalData, captions) of a prepared split; see `datasets.load_split`."""
   ds = config.dataset
   split = resolve_split(ds.name, split)
-  source = tfds_builders.open_split(ds.data_dir, ds.name, split)
-  ids, captions, caption_image, records = read_captions(source, ds.get("language", ""),
-                                                        num_images)
+  source, index = tfds_builders.open_split(ds.data_dir, ds.name, split, with_index=True)
+  ids, captions, caption_image, records = read_captions(index, ds.get("language", ""), num_images)
   if not captions:
     raise ValueError(f"{ds.data_dir}/{ds.name} split {split!r}: no captions"
                      + (f" in language {ds.language!r}" if ds.get("language") else ""))

@@ -8,7 +8,8 @@ One record per image, in the source's order (shuffling disabled: training order 
   boxes       [N, 4] float32 [x1/W, y1/H, x2/W, y2/H] (exact, whatever the regions dtype)
   image_size  [2] int32 (width, height) in pixels, (0, 0) where the release omits it
   captions    [C] text, with `languages` [C] text beside them
-A build writes under a temporary directory next to the target and renames it into place
+metadata.json also holds each split's ids, captions and languages (the "index"), so readers
+get every caption without touching the features. A build writes under a temporary directory next to the target and renames it into place
 only when every split succeeded, so a failed prepare leaves no dataset directory behind.
 """
 
@@ -54,7 +55,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=features(self._dtype),
-                                 disable_shuffling=True,
+                                 disable_shuffling=True, metadata=tfds.core.MetadataDict(),
                                  description=f"{self.name} regions ({self._dtype}) and captions")
 
   def _split_generators(self, dl_manager):
@@ -71,6 +72,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                            f"with --dtype=float32")
         continue
       self.captions[split] += len(im.captions)
+      index = self.info.metadata.setdefault("index", {}).setdefault(
+          split, {"image_ids": [], "captions": [], "languages": []})
+      index["image_ids"].append(im.image_id)
+      index["captions"].append(list(im.captions))
+      index["languages"].append(list(im.languages))
       yield i, {"image_id": im.image_id, "regions": regions,
                 "boxes": np.asarray(im.boxes, np.float32),
                 "image_size": np.asarray(im.image_size, np.int32),
@@ -125,8 +131,13 @@ def _class_name(name: str) -> str:
   return "".join(p.capitalize() for p in name.split("_")) or "Dataset"
 
 
-def open_split(data_dir: str, name: str, split: str):
-  """Random-access source of a prepared split: `len(src)`, `src[i]` -> dict of numpy arrays."""
+def open_split(data_dir: str, name: str, split: str, with_index: bool = False):
+  """Random-access source of a prepared split: `len(src)`, `src[i]` -> dict of numpy arrays.
+
+  With `with_index`, also the split's caption index from metadata.json: {"image_ids": [N],
+  "captions": [N][C], "languages": [N][C]} in record order, so captions are read without
+  reading the region features of every record.
+  """
   path = dataset_dir(data_dir, name)
   if not os.path.exists(os.path.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"no prepared dataset at {path}; run python -m rerank.data.prepare "
@@ -134,7 +145,14 @@ def open_split(data_dir: str, name: str, split: str):
   builder = tfds.builder_from_directory(path)
   if split not in builder.info.splits:
     raise KeyError(f"{path}: no split {split!r}; found {sorted(builder.info.splits)}")
-  return builder.as_data_source(split)
+  source = builder.as_data_source(split)
+  if not with_index:
+    return source
+  index = (builder.info.metadata or {}).get("index", {}).get(split)
+  if index is None or len(index["image_ids"]) != len(source):
+    raise ValueError(f"{path}: metadata.json has no caption index for split {split!r} that "
+                     f"matches its {len(source)} records; prepare it again")
+  return source, index
 
 
 def quiet():
