@@ -1,8 +1,9 @@
 """Reads a prepared (TFDS array_record) split as model-ready `RetrievalData`.
 
-Captions come from the dataset's caption index (metadata.json) and are tokenised up front ([T, L] int32 is small); region features stay
-on disk and are read per batch by record index, truncated to the configured number of
-regions and zero-padded, so a 40 GB training split needs no more RAM than a batch.
+Captions come from the dataset's caption index (metadata.json) and are tokenised up front
+([T, L] int32 is small); region features stay on disk and are read per batch by record
+index, truncated to the configured number of regions and zero-padded, so a 40 GB training
+split needs no more RAM than a batch.
 """
 
 import os
