@@ -161,6 +161,15 @@ def test_bad_input_stops_with_location_or_is_skipped_and_counted(tmp_path, kind,
     assert train == ["11", "13"]
 
 
+def test_an_image_in_two_splits_is_a_duplicate(tmp_path):
+  src, _ = _flickr(tmp_path)
+  _write(str(src / "test.txt"), "31\n12\n32\n")  # 12 is a train image
+  with pytest.raises(common.BadInput, match="image id 12: is in split 'train' and in split 'test'"):
+    prepare.prepare("flickr30k_butd", str(src), str(tmp_path / "data"))
+  out = prepare.prepare("flickr30k_butd", str(src), str(tmp_path / "data"), skip_bad=True)
+  assert out["skipped"] == {"duplicate_id": 1} and out["splits"]["test"]["images"] == 2
+
+
 def test_cli_prints_one_json_line_and_one_error_line(tmp_path):
   src, _ = _flickr(tmp_path)
   cmd = [sys.executable, "-m", "rerank.data.prepare", "--dataset=flickr30k_butd",
@@ -183,9 +192,9 @@ def test_cli_prints_one_json_line_and_one_error_line(tmp_path):
 
 
 def test_multi30k_languages_and_per_language_split(tmp_path):
-  src, expected = _flickr(tmp_path, splits=(("train", [11, 12]),))
+  src, expected = _flickr(tmp_path, splits=(("train", [11, 12]), ("val", [21]), ("test", [31])))
   m = tmp_path / "multi30k"
-  for split, keys in (("train", [12, 11]), ("val", [11]), ("test_2016", [12])):
+  for split, keys in (("train", [12, 11]), ("val", [21]), ("test_2016", [31])):
     _write(str(m / "image_splits" / (f"{split}_flickr.txt" if split == "test_2016" else
                                     f"{split}.txt")), "".join(f"{k}.jpg\n" for k in keys))
     for lang in ("en", "de"):
@@ -208,7 +217,7 @@ def test_multi30k_languages_and_per_language_split(tmp_path):
 
   cfg = _config("multi30k", tmp_path / "data", language="fr")
   data, caps = datasets.load_split(cfg, "dev", _word_tokenizer(), None)  # dev -> val
-  assert caps == ["fr 11"] and data.num_images == 1
+  assert caps == ["fr 21"] and data.num_images == 1 and data.image_ids.tolist() == [21]
 
   # a caption file one line short names the file and both counts
   _write(str(m / "val.cs"), "")

@@ -9,7 +9,7 @@ DATA_DIR/NAME/1.0.0 and ends by printing one JSON line:
   {"dataset": NAME, "splits": {"<split>": {"images": n, "captions": m}, ...}, "skipped": {...},
    "dtype": ..., "path": ...}
 Bad input (malformed rows, wrong feature widths, NaN/inf, captions without images, images
-without captions, duplicate ids, empty captions) stops with the file, line or id and the
+without captions, duplicate ids (also one image in two splits), empty captions) stops with the file, line or id and the
 reason; `--skip_bad` drops such items instead and reports their counts under "skipped".
 A failed prepare leaves no dataset directory behind.
 """
@@ -73,7 +73,8 @@ def prepare(name: str, source_dir: str, data_dir: str, dtype: str = "float16", s
   problems = common.Problems(skip=skip_bad)
   readers = split_readers(name, source_dir, splits, problems, features, num_images, seed)
   with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is the summary
-    counts = tfds_builders.build(name, readers, data_dir, dtype, problems, overwrite)
+    counts = tfds_builders.build(name, readers, data_dir, dtype, problems, overwrite,
+                                 getattr(source, "NESTED", None))
   return {"dataset": name, "splits": counts, "skipped": dict(sorted(problems.counts.items())),
           "dtype": dtype, "path": tfds_builders.dataset_dir(data_dir, name)}
 

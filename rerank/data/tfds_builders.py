@@ -48,8 +48,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version(VERSION)
 
   def __init__(self, *, splits: dict[str, Callable[[], Iterator[common.Image]]], dtype: str,
-               problems: common.Problems, **kwargs):
+               problems: common.Problems, nested: dict[str, str] | None = None, **kwargs):
     self._splits, self._dtype, self._problems = splits, dtype, problems
+    self._nested = nested or {}  # split -> the split it is drawn from (test1k -> test)
+    self._seen = {}  # image id -> first split: an image in two splits would leak
     self.captions = collections.Counter()  # split -> captions written
     super().__init__(**kwargs)
 
@@ -65,6 +67,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split=None):
     dtype = DTYPES[self._dtype]
     for i, im in enumerate(self._splits[split]()):
+      first = self._seen.setdefault(im.image_id, split)
+      if first != split and self._nested.get(split) != first and self._nested.get(first) != split:
+        self._problems.bad("duplicate_id", f"image id {im.image_id}",
+                           f"is in split {first!r} and in split {split!r}")
+        continue
       regions = im.regions.astype(dtype)
       if not np.isfinite(regions).all():
         self._problems.bad("non_finite", f"image id {im.image_id}", f"region values overflow "
@@ -88,7 +95,8 @@ def dataset_dir(data_dir: str, name: str) -> str:
 
 
 def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], data_dir: str,
-          dtype: str, problems: common.Problems, overwrite: bool = False) -> dict:
+          dtype: str, problems: common.Problems, overwrite: bool = False,
+          nested: dict[str, str] | None = None) -> dict:
   """Writes `data_dir/name/VERSION`; returns {split: {"images": n, "captions": m}}.
 
   Raises FileExistsError if the dataset exists (unless `overwrite`); on any error nothing
@@ -103,7 +111,7 @@ def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], da
   try:
     cls = type(_class_name(name), (_Builder,), {"name": name, "__module__": __name__},
                skip_registration=True)
-    builder = cls(splits=splits, dtype=dtype, problems=problems, data_dir=tmp,
+    builder = cls(splits=splits, dtype=dtype, problems=problems, nested=nested, data_dir=tmp,
                   file_format="array_record")
     builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
     counts = {s: {"images": int(builder.info.splits[s].num_examples),

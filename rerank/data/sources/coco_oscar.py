@@ -19,6 +19,7 @@ from rerank.data.sources import common
 
 SPLITS = ("train", "minival", "test", "test1k")
 DEV_SPLIT = "minival"
+NESTED = {"test1k": "test"}  # the 1k fold's images are test images by design
 
 
 def _torch():
