@@ -12,8 +12,6 @@ import pytest
 
 from rerank.data import datasets
 from rerank.data import prepare
-from rerank.data import prepared
-from rerank.data import synthetic_scenes
 from rerank.data import tfds_builders
 from rerank.data.sources import common
 from rerank.data.sources import flickr30k_butd

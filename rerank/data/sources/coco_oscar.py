@@ -59,7 +59,7 @@ def _captions(value, where: str, problems: common.Problems):
 
 def _split_files(source_dir: str, split: str):
   base = "test" if split == "test1k" else split
-  keys = f"test_img_keys_1k.tsv" if split == "test1k" else f"{split}_img_keys.tsv"
+  keys = "test_img_keys_1k.tsv" if split == "test1k" else f"{split}_img_keys.tsv"
   return tuple(os.path.join(source_dir, f) for f in
                (keys, f"{base}_captions.pt", f"{base}_img_frcnn_feats.pt"))
 

@@ -48,7 +48,6 @@ class FeatureIndex:
           elif line.strip():
             self.rows[key] = (f, offset, n)
           offset += len(line)
-    self._handles = {}
 
   def __contains__(self, image_id: str) -> bool:
     return image_id in self.rows
@@ -56,16 +55,10 @@ class FeatureIndex:
   def read(self, image_id: str, problems: common.Problems):
     """(regions [N, 2054] float32, boxes [N, 4] normalised, (w, h)) or None if reported bad."""
     f, offset, n = self.rows[image_id]
-    if f not in self._handles:
-      self._handles[f] = open(self.paths[f], "rb")
-    fh = self._handles[f]
-    fh.seek(offset)
-    return parse_row(fh.readline(), f"{self.paths[f]}:{n}", problems)
-
-  def close(self):
-    for fh in self._handles.values():
-      fh.close()
-    self._handles = {}
+    with open(self.paths[f], "rb") as fh:  # an open per image costs microseconds
+      fh.seek(offset)
+      line = fh.readline()
+    return parse_row(line, f"{self.paths[f]}:{n}", problems)
 
 
 def parse_row(line: bytes, where: str, problems: common.Problems):
