@@ -23,7 +23,11 @@ def get_config(arg=None):
 
   c.dataset = dict(name="synthetic_scenes", seed=0, family_size=4, noise_std=1.0,
                    min_objects=2, max_objects=4,
-                   num_train_images=0, num_dev_images=200, num_test_images=0)  # 0 = full split
+                   num_train_images=0, num_dev_images=200, num_test_images=0,  # 0 = full split
+                   # A prepared TFDS dataset (python -m rerank.data.prepare) instead of the
+                   # generated one; tokenizer: vocab.txt / tokenizer.json for real captions;
+                   # language: keep only captions in it (Multi30k). Empty = unused.
+                   data_dir="", tokenizer="", language="")
   c.max_text_len = 40
   c.max_regions = 4  # == dataset.max_objects
 

@@ -1,13 +1,16 @@
 """Dataset registry: config -> tokenizer and model-ready splits (`batches.RetrievalData`).
 
-Only the built-in `synthetic_scenes` lives here for now; real datasets (COCO, Flickr30k,
-Multi30k, CC) plug in by adding a loader to `LOADERS` with the same return shape.
+With `config.dataset.data_dir` set, the split is read from the TFDS dataset that
+`python -m rerank.data.prepare` wrote there (`rerank.data.prepared`): coco_oscar,
+flickr30k_butd, multi30k, cc_dev, or a prepared synthetic_scenes. Without it,
+synthetic_scenes is generated in memory (no prepare step, as in the demo).
 """
 
 import numpy as np
 import tokenizers
 
 from rerank.data import batches
+from rerank.data import prepared
 from rerank.data import synthetic_scenes
 
 
@@ -43,16 +46,20 @@ TOKENIZERS = {"synthetic_scenes": synthetic_scenes.build_tokenizer}
 
 
 def get_tokenizer(config) -> tokenizers.Tokenizer:
-  return TOKENIZERS[_name(config)]()
+  if config.dataset.name in TOKENIZERS:
+    return TOKENIZERS[config.dataset.name]()
+  return prepared.bert_tokenizer(config.dataset.get("tokenizer", ""))
 
 
 def load_split(config, split: str, tokenizer, num_images=None):
   """Returns (RetrievalData, captions) of `split`; `num_images` shrinks it (None = full size)."""
-  return LOADERS[_name(config)](config, split, tokenizer, num_images)
-
-
-def _name(config) -> str:
   name = config.dataset.name
+  if config.dataset.get("data_dir"):
+    if name not in prepared.SOURCES:
+      raise ValueError(f"config.dataset.name: expected one of {sorted(prepared.SOURCES)}; "
+                       f"found {name!r}")
+    return prepared.load(config, split, tokenizer, tokenize, num_images)
   if name not in LOADERS:
-    raise ValueError(f"config.dataset.name: expected one of {sorted(LOADERS)}; found {name!r}")
-  return name
+    raise ValueError(f"config.dataset.name: {name!r} is read from a prepared TFDS dataset: set "
+                     f"config.dataset.data_dir (see python -m rerank.data.prepare)")
+  return LOADERS[name](config, split, tokenizer, num_images)
