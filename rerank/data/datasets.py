@@ -32,7 +32,8 @@ def _synthetic_scenes(config, split: str, tokenizer, num_images=None):
   ds = config.dataset
   scenes = synthetic_scenes.generate(
       split, seed=ds.seed, num_images=num_images, family_size=ds.family_size,
-      noise_std=ds.noise_std, min_objects=ds.min_objects, max_objects=ds.max_objects)
+      noise_std=ds.noise_std, min_objects=ds.get("min_objects", 2),
+      max_objects=ds.get("max_objects", synthetic_scenes.MAX_REGIONS))
   ids, mask = tokenize(tokenizer, scenes.captions, config.max_text_len)
   data = batches.RetrievalData(
       token_ids=ids, text_mask=mask, caption_image=np.asarray(scenes.caption_image, np.int32),
