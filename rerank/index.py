@@ -366,3 +366,65 @@ def load(path: str, expect: dict | None = None):
           f"rebuild it with python -m rerank.index --checkpoint=... --out={path}")
   arrays = {name: np.load(os.path.join(path, f"{name}.npy")) for name in meta.get("arrays", [])}
   return _read(path), meta, arrays
+
+
+# ------------------------------------------------------------------ CLI
+# python -m rerank.index --checkpoint=WORKDIR --dataset=NAME --split=S --out=DIR
+#   embeds the split's images with the checkpoint's bi-encoder and saves their index in DIR.
+
+def main(argv):
+  del argv
+  import tqdm  # noqa: PLC0415  (CLI-only imports)
+  from rerank import cli, evaluate, retriever  # noqa: PLC0415
+  from rerank.data import datasets  # noqa: PLC0415
+  from rerank.models import retrieval  # noqa: PLC0415
+
+  cli.quiet_library_logs()
+  if not FLAGS.checkpoint or not FLAGS.out:
+    cli.fail("--checkpoint (a training workdir) and --out (the index directory) are required")
+  try:
+    loaded = retriever.load_model(FLAGS.checkpoint)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    cli.fail(f"--checkpoint={FLAGS.checkpoint}: {e}")
+  config = loaded.config
+  if not retrieval.has_be(config.mode):
+    cli.fail(f"--checkpoint: mode {config.mode!r} has no bi-encoder to embed a corpus with")
+  config.dataset.name = FLAGS.dataset or config.dataset.name
+  if config.dataset.name not in datasets.LOADERS:
+    cli.fail(f"--dataset: expected one of {sorted(datasets.LOADERS)}; found {config.dataset.name!r}")
+  try:
+    data, _ = datasets.load_split(config, FLAGS.split, loaded.tokenizer, FLAGS.num_images or None)
+  except (ValueError, KeyError) as e:
+    cli.fail(f"--split={FLAGS.split}: {e}")
+  print(f"embedding {data.num_images} images of {config.dataset.name}/{FLAGS.split} with "
+        f"{loaded.which} of {loaded.workdir}", flush=True)
+  scorer = evaluate.Scorer(loaded.model, config.mode, config.eval.batch_size, loaded.params)
+  chunk = 4 * config.eval.batch_size
+  emb = []
+  with tqdm.tqdm(total=data.num_images, desc="embed", unit="img", mininterval=2.0) as bar:
+    for a in range(0, data.num_images, chunk):
+      emb.append(scorer.images(data, np.arange(a, min(a + chunk, data.num_images))))
+      bar.update(len(emb[-1]))
+  emb = np.concatenate(emb)
+  cfg = config.get("index")
+  idx = build(emb, FLAGS.backend or (cfg.backend if cfg is not None else "auto"), cfg)
+  identity = {"checkpoint": loaded.workdir, "which": loaded.which,
+              "fingerprint": loaded.fingerprint, "dim": int(emb.shape[1]),
+              "dataset": config.dataset.name, "split": FLAGS.split,
+              "num_images": int(FLAGS.num_images)}
+  save(idx, FLAGS.out, identity, {"image_ids": data.image_ids})
+  print(f"wrote {idx.kind} index of {idx.size} x {idx.dim} to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # noqa: PLC0415
+  from rerank import cli  # noqa: PLC0415
+
+  flags.DEFINE_string("checkpoint", None, "Training workdir whose bi-encoder embeds the corpus.")
+  flags.DEFINE_string("dataset", None, "Dataset name (default: the checkpoint config's).")
+  flags.DEFINE_string("split", "test", "Split whose images form the corpus.")
+  flags.DEFINE_integer("num_images", 0, "Use only the first N images of the split (0 = all).")
+  flags.DEFINE_string("out", None, "Directory to write the index to (replaced atomically).")
+  flags.DEFINE_enum("backend", None, list(BACKENDS), "Override config.index.backend.")
+  FLAGS = flags.FLAGS
+  app.run(main, flags_parser=cli.parse_flags)

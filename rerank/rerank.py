@@ -107,10 +107,10 @@ class Reranker:
       be = np.zeros((b, self.k), np.float32)
       be[:n, :kk] = be_scores[a:a + n, :kk]
       valid = np.zeros((b, self.k), bool)
-      valid[:, :kk] = True
+      valid[:, :kk] = ids[:, :kk] >= 0  # an approximate index marks missing neighbours with -1
       rows = np.concatenate([np.arange(a, a + n), np.full(b - n, a)])
-      cand = ids.copy()
-      cand[:, kk:] = cand[:, :1]  # padded candidates repeat the first one; masked out by `valid`
+      # Padded or missing candidates repeat the first one (valid inputs); `valid` masks them out.
+      cand = np.where(valid, ids, ids[:, :1])
       res = self.fn(params, *pair_inputs(rows, cand), ids, be, valid)
       for name in out:
         out[name].append(np.asarray(res[name])[:n, :kk])
