@@ -58,7 +58,7 @@ def test_auto_picks_exact_for_small_and_scann_for_large():
                                        training_sample=0))
   assert index.build(_clustered(1000, 8), "auto", cfg).kind == "exact"
   big = index.build(_clustered(1001, 8), "auto", cfg)
-  assert big.kind == "scann" and big.params.num_leaves == 8 and big.params.reorder == 250
+  assert big.kind == "scann" and big.params.num_leaves == 8 and big.params.reorder == 500
   with pytest.raises(ValueError, match="expected one of"):
     index.build(_clustered(10, 8), "faiss")
 
