@@ -41,7 +41,9 @@ def get_config(arg=None):
   c.loss = dict(be="infonce", margin=0.1, temperature=0.05, ce_weight=1.0)
   # ANCE-style: every `every` steps from `start`, the current BE mines its `top` neighbours
   # of each upcoming caption; the CE takes one as its negative with probability `ce_prob`.
-  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0)
+  # index: "" mines by chunked brute force; exact|scann|jax|auto mine through rerank.index and
+  # draw negatives with p ~ softmax(cosine / temperature) (temperature 0 = uniform over top).
+  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0, index="", temperature=0.0)
 
   c.log_every = 50
   c.checkpoint_every = 500

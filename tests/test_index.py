@@ -1,5 +1,6 @@
 """Index backends: exact equals brute force, ScaNN recall, sharding, save/load, the eval switch."""
 
+import dataclasses
 import os
 
 import ml_collections
@@ -172,3 +173,53 @@ def test_evaluate_with_other_backends_is_close(backend):
   rows = {b: evaluate.evaluate(scorer, data, "be", ml_collections.ConfigDict(dict(k=20, index=b)),
                                methods=("BE",), log=lambda *_: None)[0] for b in ("exact", backend)}
   assert abs(rows[backend]["mR"] - rows["exact"]["mR"]) < 2.0
+
+
+# ------------------------------------------------------------------ index-mined hard negatives
+
+def test_index_mining_equals_brute_force_minus_positives():
+  from rerank import mining  # noqa: PLC0415
+  scorer, data, img, txt = _fake_data(n_img=80, per=2, seed=5)
+  ids = data.image_ids.copy()
+  ids[7] = ids[3]  # two rows share an image id: both are positives of image 3's captions
+  data = dataclasses.replace(data, image_ids=ids)
+  rows = np.array([6, 7, 14, 100, 159])  # captions 6 and 7 describe image 3
+  got, scores = mining.mine_with_index(scorer, data, rows, top=10, backend="exact")
+  want = mining.mine_image_negatives(scorer, data, rows, top=10)
+  for g, w, s, r in zip(got, want, scores, rows):
+    assert set(g.tolist()) == set(w.tolist())
+    assert ids[data.caption_image[r]] not in ids[g]
+    assert (np.diff(s) <= 0).all()  # best first
+  got_scann, _ = mining.mine_with_index(scorer, data, rows, top=10, backend="scann")
+  assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_scann, got)]) >= 0.8
+
+
+def test_negative_sampling_temperature():
+  from rerank import mining  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  ids = np.array([[4, 9, 2, -1]])
+  scores = np.array([[0.9, 0.5, 0.1, -np.inf]], np.float32)
+  hard = mining.sample_negatives(ids, scores, 2000, 0.01, rng)
+  assert (hard == 4).mean() > 0.99
+  uniform = mining.sample_negatives(ids, scores, 6000, 0.0, rng)
+  assert set(uniform[0].tolist()) == {4, 9, 2}  # never the missing -1
+  np.testing.assert_allclose([(uniform == i).mean() for i in (4, 9, 2)], 1 / 3, atol=0.03)
+  warm = mining.sample_negatives(ids, scores, 6000, 0.4, rng)
+  p = np.exp(np.array([0.9, 0.5, 0.1]) / 0.4)
+  np.testing.assert_allclose([(warm == i).mean() for i in (4, 9, 2)], p / p.sum(), atol=0.03)
+
+
+def test_mine_window_through_index_feeds_the_ce_sampler():
+  from rerank import mining  # noqa: PLC0415
+  scorer, data, _, _ = _fake_data(n_img=40, per=2, seed=6)
+  config = ml_collections.ConfigDict(dict(
+      batch_size=8, seed=0, hard_negatives=dict(top=5, index="exact", temperature=0.0)))
+  mined = mining.mine_window(scorer, data, config, first_step=0, num_steps=3)
+  assert len(mined) == 24  # three distinct batches of 8 captions
+  for row, neg in mined.items():
+    assert neg.shape == (5,) and ids_ok(data, row, neg)
+
+
+def ids_ok(data, row, neg):
+  own = data.image_ids[data.caption_image[row]]
+  return (neg >= 0).all() and (data.image_ids[neg] != own).all()
