@@ -130,7 +130,6 @@ def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int,
   dim = m.config.model.hidden_size
   enc = _timed(m.encode_one, 5)
   log(f"model {model_size} ({dim}-d): encode one query {enc * 1e3:.2f} ms")
-  one_q = None
   # CE-full: measured sizes (powers of 2 up to ce_max) give seconds per pair.
   ce_measured = {}
   for n in sorted({min(n, ce_max) for n in sizes} | {min(256, ce_max)}):
@@ -177,7 +176,7 @@ def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int,
     log(f"N={n}: BE {be * 1e3:.2f} ms, RR {rr * 1e3:.2f} ms (CE-k {ce_k * 1e3:.2f} ms), "
         f"CE {ce_full:.3f} s{'' if measured else ' (extrapolated)'} "
         f"[{time.perf_counter() - t0:.0f}s]", flush=True)
-    del corpus, exact
+    corpus = exact = idx = scann = None  # free the large arrays before the next size
   result = {
       "model": model_size, "dim": dim, "k": k, "queries": queries, "ce_measured_max": ce_max,
       "ce_seconds_per_pair": per_pair, "encode_seconds": enc,

@@ -223,3 +223,41 @@ def test_mine_window_through_index_feeds_the_ce_sampler():
 def ids_ok(data, row, neg):
   own = data.image_ids[data.caption_image[row]]
   return (neg >= 0).all() and (data.image_ids[neg] != own).all()
+
+
+_HOST_SCRIPT = """
+import sys, numpy as np, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=pid)
+from rerank import index
+rng = np.random.default_rng(0)
+corpus = rng.normal(size=(501, 8)).astype(np.float32)
+queries = rng.normal(size=(7, 8)).astype(np.float32)
+a, b = index.shard_rows(len(corpus), jax.process_count(), jax.process_index())
+ids, scores = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 9)
+np.save(out, ids)
+"""
+
+
+def test_multihost_search_merges_every_hosts_shard(tmp_path):
+  import socket  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, port, str(i),
+                             str(tmp_path / f"ids{i}.npy")], env=env, stderr=subprocess.PIPE)
+           for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
+  rng = np.random.default_rng(0)
+  corpus = rng.normal(size=(501, 8)).astype(np.float32)
+  queries = rng.normal(size=(7, 8)).astype(np.float32)
+  want = index.ExactIndex(corpus).search(queries, 9)[0]
+  for i in range(2):  # both hosts hold the same global top-k
+    np.testing.assert_array_equal(np.load(tmp_path / f"ids{i}.npy"), want)
