@@ -8,7 +8,8 @@ For each corpus size N (one run, one machine, all figures side by side):
   alone, so RR / CE-k shows how little the first stage adds.
 - CE: the CE over all N pairs of a query. Measured up to --ce_max pairs; beyond, extrapolated
   linearly from the largest measured size and marked `"measured": false`.
-- Index: ScaNN recall@k against exact brute force, and both search times.
+- Index: ScaNN recall@k against exact brute force, and both search times, for the default
+  number of leaves searched and for a half and a quarter of it (same index).
 Search times are per query over a batch of --queries queries (both backends batched alike).
 
 Corpus embeddings are SYNTHETIC and clustered like a trained model's (not i.i.d. Gaussians):
@@ -20,6 +21,7 @@ Writes DIR/bench.json (`rows`: N, method, seconds_per_query, measured; `index_ro
 recall_at_k, scann_seconds, exact_seconds), DIR/bench.md and DIR/bench.png (log-log).
 """
 
+import dataclasses
 import json
 import os
 import platform
@@ -153,16 +155,21 @@ def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int,
       tb = time.perf_counter()
       scann = index_lib.build(corpus, "scann")
       build_s = time.perf_counter() - tb
-      scann_s = _timed(lambda: scann.search(qs, k), 3) / queries
-      got = scann.search(qs, k)[0]
-      recall = float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want)]))
-      entry.update(recall_at_k=recall, scann_seconds=scann_s, speedup=exact_s / scann_s,
-                   scann_build_seconds=build_s, scann=scann.params.__dict__)
-      index_rows.append(entry)
-      log(f"N={n}: ScaNN recall@{k} {recall:.3f}, search {scann_s * 1e3:.3f} ms/query vs exact "
-          f"{exact_s * 1e3:.3f} ms/query ({exact_s / scann_s:.1f}x), built in {build_s:.1f}s")
-      if backend == "scann":
-        search_s = scann_s
+      default = scann.params.leaves_to_search
+      # The default, then cheaper searches of the same index: the recall / speed trade-off.
+      for leaves in sorted({default, max(1, default // 2), max(1, default // 4)}, reverse=True):
+        scann_s = _timed(lambda leaves=leaves: scann.search(qs, k, leaves), 3) / queries
+        got = scann.search(qs, k, leaves)[0]
+        recall = float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want)]))
+        index_rows.append(dict(entry, recall_at_k=recall, scann_seconds=scann_s,
+                               speedup=exact_s / scann_s, scann_build_seconds=build_s,
+                               leaves_to_search=leaves, default=leaves == default,
+                               scann=dataclasses.asdict(scann.params)))
+        log(f"N={n}: ScaNN ({leaves}/{scann.params.num_leaves} leaves) recall@{k} {recall:.3f}, "
+            f"search {scann_s * 1e3:.3f} ms/query vs exact {exact_s * 1e3:.3f} ms/query "
+            f"({exact_s / scann_s:.1f}x), built in {build_s:.1f}s")
+        if backend == "scann" and leaves == default:
+          search_s = scann_s
     idx = scann if backend == "scann" else exact
     ids, scores = idx.search(one_q, k)
     ce_k = _timed(lambda: m.rerank_one(ids, scores), 5)
@@ -204,10 +211,11 @@ def markdown(res: dict) -> str:
                  f"| {cek['seconds_per_query']:.2e} | {ce['seconds_per_query']:.2e}{star} "
                  f"| {rr['seconds_per_query'] / cek['seconds_per_query']:.2f} "
                  f"| {ce['seconds_per_query'] / rr['seconds_per_query']:.1f} | {n / k:.0f} |")
-  lines += ["", f"| N | ScaNN recall@{k} | ScaNN s/query | exact s/query | speedup | build s |",
-            "|---|---|---|---|---|---|"]
+  lines += ["", f"| N | leaves searched | ScaNN recall@{k} | ScaNN s/query | exact s/query "
+            "| speedup | build s |", "|---|---|---|---|---|---|---|"]
   for r in res["index_rows"]:
-    lines.append(f"| {r['N']} | {r['recall_at_k']:.3f} | {r['scann_seconds']:.2e} "
+    leaves = f"{r['leaves_to_search']}/{r['scann']['num_leaves']}{' (default)' * r['default']}"
+    lines.append(f"| {r['N']} | {leaves} | {r['recall_at_k']:.3f} | {r['scann_seconds']:.2e} "
                  f"| {r['exact_seconds']:.2e} | {r['speedup']:.1f}x | {r['scann_build_seconds']:.1f} |")
   return "\n".join(lines) + "\n"
 

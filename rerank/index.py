@@ -188,13 +188,15 @@ class ScannIndex:
     searcher = builder.reorder(p.reorder).build()
     return cls(searcher, len(x), x.shape[1], p)
 
-  def search(self, queries, k: int):
+  def search(self, queries, k: int, leaves_to_search: int | None = None):
+    """As the other backends; `leaves_to_search` overrides the built value for this call."""
     q = _check_queries(queries, self.dim)
     k = _clamp_k(k, self.size)
     if not len(q):
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     ids, scores = self.searcher.search_batched(
-        q, final_num_neighbors=k, pre_reorder_num_neighbors=max(k, self.params.reorder))
+        q, final_num_neighbors=k, pre_reorder_num_neighbors=max(k, self.params.reorder),
+        leaves_to_search=leaves_to_search or self.params.leaves_to_search)
     ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)
     if ids.shape[1] < k:  # ScaNN may find fewer than k in the searched leaves: pad as misses
       pad = k - ids.shape[1]
