@@ -82,9 +82,11 @@ def sample_negatives(ids: np.ndarray, scores: np.ndarray, num: int, temperature:
   """[C, num] draws (with replacement) from each row's mined negatives, p ~ softmax(score / T).
 
   temperature <= 0 samples uniformly over the mined list (ANCE's uniform top-k); small
-  temperatures favour the hardest negatives. Missing entries (-1) are never drawn.
+  temperatures favour the hardest negatives. Missing entries (-1) are never drawn unless a
+  row has nothing else.
   """
   valid = ids >= 0
+  valid[~valid.any(axis=1)] = True  # a row with nothing mined: draws -1, which callers drop
   if temperature > 0:
     logits = np.where(valid, scores / temperature, -np.inf)
   else:
@@ -92,7 +94,10 @@ def sample_negatives(ids: np.ndarray, scores: np.ndarray, num: int, temperature:
   logits = logits - logits.max(axis=1, keepdims=True)
   p = np.exp(logits)
   p /= p.sum(axis=1, keepdims=True)
-  cdf = np.cumsum(p, axis=1)
-  u = rng.random((len(ids), num)) * cdf[:, -1:]
-  pick = np.minimum((u[:, :, None] > cdf[:, None, :]).sum(-1), ids.shape[1] - 1)  # [C, num]
+  c, top = ids.shape
+  # One searchsorted for all rows: row r's CDF is shifted into [r, r + 1].
+  cdf = np.cumsum(p, axis=1) / p.sum(axis=1, keepdims=True) + np.arange(c)[:, None]  # [C, top]
+  u = rng.random((c, num)) + np.arange(c)[:, None]  # [C, num]
+  pick = np.searchsorted(cdf.ravel(), u.ravel(), side="right").reshape(c, num)
+  pick = np.clip(pick - np.arange(c)[:, None] * top, 0, top - 1)
   return np.take_along_axis(ids, pick, 1)
