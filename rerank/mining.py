@@ -88,7 +88,7 @@ def sample_negatives(ids: np.ndarray, scores: np.ndarray, num: int, temperature:
   valid = ids >= 0
   valid[~valid.any(axis=1)] = True  # a row with nothing mined: draws -1, which callers drop
   if temperature > 0:
-    logits = np.where(valid, scores / temperature, -np.inf)
+    logits = np.where(valid, np.where(np.isfinite(scores), scores, 0.0) / temperature, -np.inf)
   else:
     logits = np.where(valid, 0.0, -np.inf)
   logits = logits - logits.max(axis=1, keepdims=True)
