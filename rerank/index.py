@@ -268,11 +268,16 @@ def search_multihost(local_index, offset: int, queries, k: int):
   from jax.experimental import multihost_utils  # noqa: PLC0415
   ids, scores = local_index.search(queries, min(k, local_index.size))
   ids = np.where(ids >= 0, ids + offset, -1)
+  if ids.shape[1] < k:  # a host with fewer than k rows: pad so every host sends [Q, k]
+    ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+    scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-np.inf)
   if jax.process_count() > 1:
     ids = np.asarray(multihost_utils.process_allgather(ids))  # [P, Q, k]
     scores = np.asarray(multihost_utils.process_allgather(scores))
     ids, scores = np.concatenate(list(ids), 1), np.concatenate(list(scores), 1)
-  return merge_topk(ids, scores, k)
+  ids, scores = merge_topk(ids, scores, k)
+  found = (ids >= 0).any(axis=0)  # k beyond the global corpus: drop the all-padding columns
+  return ids[:, found], scores[:, found]
 
 
 def shard_rows(n: int, num_shards: int, shard: int) -> tuple[int, int]:

@@ -235,8 +235,10 @@ rng = np.random.default_rng(0)
 corpus = rng.normal(size=(501, 8)).astype(np.float32)
 queries = rng.normal(size=(7, 8)).astype(np.float32)
 a, b = index.shard_rows(len(corpus), jax.process_count(), jax.process_index())
-ids, scores = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 9)
-np.save(out, ids)
+ids, _ = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 9)
+more, _ = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 300)  # > local rows
+everything, _ = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 600)
+np.savez(out, ids=ids, more=more, everything=everything)
 """
 
 
@@ -251,13 +253,16 @@ def test_multihost_search_merges_every_hosts_shard(tmp_path):
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, port, str(i),
-                             str(tmp_path / f"ids{i}.npy")], env=env, stderr=subprocess.PIPE)
+                             str(tmp_path / f"ids{i}.npz")], env=env, stderr=subprocess.PIPE)
            for i in range(2)]
   for p in procs:
     assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
   rng = np.random.default_rng(0)
   corpus = rng.normal(size=(501, 8)).astype(np.float32)
   queries = rng.normal(size=(7, 8)).astype(np.float32)
-  want = index.ExactIndex(corpus).search(queries, 9)[0]
+  exact = index.ExactIndex(corpus)
   for i in range(2):  # both hosts hold the same global top-k
-    np.testing.assert_array_equal(np.load(tmp_path / f"ids{i}.npy"), want)
+    got = np.load(tmp_path / f"ids{i}.npz")
+    np.testing.assert_array_equal(got["ids"], exact.search(queries, 9)[0])
+    np.testing.assert_array_equal(got["more"], exact.search(queries, 300)[0])
+    np.testing.assert_array_equal(got["everything"], exact.search(queries, 501)[0])  # clamped
