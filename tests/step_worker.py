@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -29,6 +30,12 @@ from rerank import sharding  # noqa: E402
 from rerank import steps  # noqa: E402
 from rerank.data import batches  # noqa: E402
 from rerank.data import datasets  # noqa: E402
+
+# Subprocesses share a persistent compilation cache: the runs compile identical programs, and on
+# this 2-core machine compiling is most of their time. Entries are keyed by program and flags.
+JAX_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "rerank_test_jax_cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 # layout -> (mesh, rules); "ref" runs on the first device alone.
 LAYOUTS = {
@@ -83,12 +90,8 @@ def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
                  "devices": jax.device_count(), "processes": jax.process_count()}, f)
 
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--layouts", default="ref,dp,fsdp,tp,fsdp_tp")
-  args = parser.parse_args()
-  distributed.initialize()
+def build():
+  """(config, model, optimizer, batch) of the compared step."""
   # joint_sum exercises both objectives in one update; one layer keeps compiles short.
   config = demo.get_config("runlocal,mode=joint_sum")
   config.model.num_layers = 1
@@ -97,10 +100,29 @@ def main():
   model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
   batch = batches.train_batch(data, config.mode, config.batch_size, config.seed, 0)
+  return config, model, tx, batch
+
+
+def assert_same_step(out_dir: str, name: str, ref: str = "ref", tol: float = 1e-5) -> None:
+  """Loss and every updated parameter of layout `name` equal those of `ref` (float32, to tol)."""
+  a, b = np.load(os.path.join(out_dir, f"{ref}.npz")), np.load(os.path.join(out_dir, f"{name}.npz"))
+  assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
+  np.testing.assert_allclose(b["loss"], a["loss"], rtol=tol, atol=tol)
+  for key in a.files:
+    np.testing.assert_allclose(b[key], a[key], rtol=tol, atol=tol, err_msg=f"{name}: {key}")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--layouts", default="ref,dp,fsdp,tp,fsdp_tp")
+  args = parser.parse_args()
+  distributed.initialize()
+  built = build()
   os.makedirs(args.out, exist_ok=True)
   for name in args.layouts.split(","):
     t0 = time.perf_counter()
-    run_layout(name, config, model, tx, batch, args.out)
+    run_layout(name, *built, args.out)
     distributed.log(f"{name}: {time.perf_counter() - t0:.1f}s", flush=True)
 
 
