@@ -26,7 +26,8 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 
 run_one() {
-  env JAX_PLATFORMS=cpu \
+  # exec: the background job's pid is the command's own, so signals reach it directly.
+  exec env JAX_PLATFORMS=cpu \
     XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}" \
     RERANK_COORDINATOR="127.0.0.1:${port}" RERANK_NUM_PROCESSES="$n" RERANK_PROCESS_ID="$1" \
     "${@:2}"

@@ -23,7 +23,6 @@ from absl import flags
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-import numpy as np
 
 from rerank import checkpoint
 from rerank import cli
@@ -44,21 +43,28 @@ _STOP_AFTER = flags.DEFINE_integer(
 
 
 class Preemption:
-  """SIGTERM sets a flag; the loop checkpoints at the end of the current step and exits 0."""
+  """SIGTERM (a preemption notice) -> every process checkpoints at the same step and exits 0.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: jax's preemption
+  service (started by `jax.distributed.initialize`) catches SIGTERM on any host, tells the
+  others, and `reached_preemption_sync_point` turns True on all of them at the same step.
+  """
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._on_sigterm)
+    self.multihost = jax.process_count() > 1
+    if not self.multihost:
+      signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
     self.requested = True
 
-  def agreed(self) -> bool:
-    """True on every process as soon as any one got SIGTERM, so all save the same step."""
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
+  def reached(self, step: int) -> bool:
+    """Call once per step on every process; True when this step must be the last."""
+    if self.multihost:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def release(self) -> None:
     """After training: the final evaluation cannot checkpoint, so SIGTERM ends it at once."""
@@ -68,11 +74,11 @@ class Preemption:
 def main(argv):
   del argv
   cli.quiet_library_logs()
-  preemption = Preemption()
   try:
     distributed.initialize()  # before any device is touched
   except ValueError as e:
     cli.fail(str(e))
+  preemption = Preemption()
   config = cli.load_config(_CONFIG)
   hn = config.hard_negatives
   if hn.every and config.mode not in ("joint_alternate", "joint_sum", "separate"):
@@ -191,7 +197,7 @@ def main(argv):
         log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
       writer.write(step, row)
     stopping = _STOP_AFTER.value and step - start >= _STOP_AFTER.value and step < total
-    preempted = step < total and preemption.agreed()
+    preempted = preemption.reached(step) and step < total
     if step % config.checkpoint_every == 0 or step == total or stopping or preempted:
       ckpts.save(step, state)
     if stopping or preempted:

@@ -85,26 +85,42 @@ def test_rules_are_checked():
     demo.get_config("sharding=zero3")
 
 
-def test_gradient_accumulation_matches_full_batch():
-  # CE loss is a mean over pairs, so 2 micro-batches of B/2 pairs give the full-batch gradient
-  # (dropout off: micro-batches draw their own dropout masks).
+def _ce_setup(**model_overrides):
   config = demo.get_config("runlocal,mode=ce")
   config.model.num_layers = 1
-  config.model.dropout_rate = config.model.attention_dropout_rate = config.model.head_dropout = 0.0
+  config.model.update(model_overrides)
   tok = datasets.get_tokenizer(config)
   data, _ = datasets.load_split(config, "train", tok, config.dataset.num_train_images)
+  batch = batches.train_batch(data, "ce", config.batch_size, 0, 0)
+  return config, tok, batch
+
+
+def _step(config, tok, batch):
   model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
   state = steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
-  batch = batches.train_batch(data, "ce", config.batch_size, 0, 0)
-  out = []
-  for accum in (1, 2):
-    config.grad_accum = accum
-    out.append(jax.jit(steps.make_train_step(model, config, tx))(state, batch))
-  (s1, m1), (s2, m2) = out
+  return jax.jit(steps.make_train_step(model, config, tx))(state, batch)
+
+
+def test_gradient_accumulation_matches_full_batch():
+  # CE loss is a mean over pairs, so 2 micro-batches of B/2 pairs give the full-batch gradient
+  # (dropout off: micro-batches draw their own dropout masks).
+  config, tok, batch = _ce_setup(dropout_rate=0.0, attention_dropout_rate=0.0, head_dropout=0.0)
+  s1, m1 = _step(config, tok, batch)
+  config.grad_accum = 2
+  s2, m2 = _step(config, tok, batch)
   np.testing.assert_allclose(m2["loss"], m1["loss"], **TOL)
   np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], **TOL)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, **TOL), s1["params"], s2["params"])
   # The split keeps each positive with its negative: micro-batch i = rows i of both halves.
   micro = steps._microbatches({"ce": {"labels": np.arange(8)}}, 2)["ce"]["labels"]
   np.testing.assert_array_equal(micro, [[0, 1, 4, 5], [2, 3, 6, 7]])
+
+
+def test_remat_gives_the_same_step():
+  config, tok, batch = _ce_setup()  # dropout on: the recomputed forward must redraw the same masks
+  s1, m1 = _step(config, tok, batch)
+  config.model.remat = True
+  s2, m2 = _step(config, tok, batch)
+  np.testing.assert_allclose(m2["loss"], m1["loss"], **TOL)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, **TOL), s1["params"], s2["params"])
