@@ -17,7 +17,8 @@ if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
 fi
 n=$1; shift
 devices=${RERANK_LOCAL_DEVICES:-4}
-port=${RERANK_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+port=${RERANK_PORT:-$(python3 -c "$free_port")}
 log_dir=${RERANK_LOG_DIR:-/tmp}
 
 pids=()

@@ -24,6 +24,7 @@ any model size (the odd vocabulary of a tokenizer, say).
 
 import flax.linen as nn
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -49,7 +50,8 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   names = sorted(mesh_cfg.keys(), key=rank)
   sizes = [int(mesh_cfg[n]) for n in names]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh: expected positive sizes and at most one -1; found {dict(zip(names, sizes))}")
+    raise ValueError(f"config.mesh: expected positive sizes and at most one -1; "
+                     f"found {dict(zip(names, sizes))}")
   fixed = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % fixed:
@@ -59,7 +61,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"config.mesh: axes {dict(zip(names, sizes))} need {int(np.prod(sizes))} "
                      f"devices; found {len(devices)}")
-  grid = np.asarray(devices, dtype=object).reshape(sizes)
+  if getattr(devices[0], "platform", "") == "tpu":
+    # The physical torus decides which chips are neighbours; let jax map the axes onto it.
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  else:
+    # jax.devices() is process-major, so `model` (innermost) stays within a host (NVLink).
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
   # Auto axes: XLA propagates shardings inside jit; we only pin inputs and outputs.
   return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
 
@@ -69,7 +76,8 @@ def rules_from_config(config, mesh: Mesh) -> dict[str, str]:
   rules = dict(config.rules)
   unknown = sorted(set(rules) - set(LOGICAL_AXES))
   if unknown:
-    raise ValueError(f"config.rules: unknown logical axes {unknown}; expected some of {list(LOGICAL_AXES)}")
+    raise ValueError(f"config.rules: unknown logical axes {unknown}; "
+                     f"expected some of {list(LOGICAL_AXES)}")
   for logical, axis in rules.items():
     if axis and axis not in mesh.axis_names:
       raise ValueError(f"config.rules.{logical}: expected a mesh axis of config.mesh "

@@ -77,7 +77,7 @@ def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
   for key, path in WATCH.items():
     leaf = _get(state, path)
     mu = _get(state["opt_state"]["main"][1][0].mu, path[1:])  # adamw's ScaleByAdamState
-    layout[key] = {"spec": [a for a in leaf.sharding.spec], "shard": list(leaf.addressable_data(0).shape),
+    layout[key] = {"spec": list(leaf.sharding.spec), "shard": list(leaf.addressable_data(0).shape),
                    "mu_spec": [a for a in mu.sharding.spec]}
   params = sharding.local_replica(state["params"], mesh)
   loss = float(np.asarray(metrics["loss"]))

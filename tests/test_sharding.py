@@ -72,7 +72,8 @@ def test_rules_fall_back_to_replication():
   assert sharding.mesh_spec(("embed", "mlp"), (64, 128), rules, mesh) == sharding.P("data", None)
   assert sharding.mesh_spec(("vocab", "embed"), (47, 64), dict(rules, vocab="model"),
                             mesh) == sharding.P(None, "data")
-  assert sharding.mesh_spec((None, "heads", "kv"), (8, 2, 32), rules, mesh) == sharding.P(None, "model", None)
+  spec = sharding.mesh_spec((None, "heads", "kv"), (8, 2, 32), rules, mesh)
+  assert spec == sharding.P(None, "model", None)
 
 
 def test_rules_are_checked():
