@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from step_worker import JAX_CACHE  # noqa: E402  (the shared compilation cache)
 
-TOTAL = 60
+TOTAL = 100
 # A small, fast run: one layer, a loss line every step, a checkpoint every 5, no dev evaluation.
 ARGS = ["--config=configs/demo.py:runlocal,mode=joint_sum", "--config.model.num_layers=1",
         f"--config.total_steps={TOTAL}", "--config.log_every=1", "--config.checkpoint_every=5",
@@ -84,7 +84,7 @@ def test_sigterm_then_kill9_then_rerun_matches_uninterrupted(uninterrupted, tmp_
 
   # Same command again; kill -9 it some steps later (past at least one periodic checkpoint).
   proc = _start(workdir)
-  killed_at = _wait_for_step(proc, workdir, stopped + 12)
+  killed_at = _wait_for_step(proc, workdir, stopped + 20)
   proc.kill()
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
