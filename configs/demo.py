@@ -9,14 +9,17 @@ retrieve-and-rerank (RR, BE top-20 reranked by CE) on the 1,000-image test split
 
 Arguments (after the colon, comma separated): `runlocal` shrinks everything to a smoke run
 of seconds (tests use it); `size=NAME` picks the encoder size; `mode=NAME` the objective
-(be, ce, joint_alternate, joint_sum, separate). Any field: `--config.FIELD=VALUE`.
+(be, ce, joint_alternate, joint_sum, separate); `sharding=dp|fsdp|tp` the parameter layout
+(see rerank/sharding.py). Any field: `--config.FIELD=VALUE`.
 """
 
 from rerank import config_utils
+from rerank import sharding
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, runlocal=False, size="mini", mode="joint_alternate")
+  arg = config_utils.parse_arg(arg, runlocal=False, size="mini", mode="joint_alternate",
+                                sharding="dp")
   c = config_utils.ml_collections.ConfigDict()
   c.seed = 0
   c.mode = arg.mode
@@ -61,6 +64,17 @@ def get_config(arg=None):
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.eval_every = 400  # dev evaluation (BE mR) and best-checkpoint tracking; 0 = off
+
+  # Scale-out (README "Running at scale"). Mesh axes in order, -1 = the devices the others
+  # leave; rules map logical parameter/batch axes to mesh axes ("" = replicated). "dp" keeps
+  # every parameter whole on every device; "fsdp" and "tp" differ from it in the rules only.
+  # Rematerialisation is `model.remat`; bf16 compute (float32 master weights) `model.dtype`.
+  c.mesh = dict(data=-1, model=1)
+  if arg.sharding not in sharding.RULES:
+    raise ValueError(f"config argument sharding: expected one of {sorted(sharding.RULES)}; "
+                     f"found {arg.sharding!r}")
+  c.rules = dict(sharding.RULES[arg.sharding])
+  c.grad_accum = 1  # micro-batches per update (changes in-batch-negative losses; see steps.py)
 
   # eval.index: the BE first stage, "exact" (brute force), "scann", "jax" (on-device top-k)
   # or "auto" (exact up to index.exact_max items, else ScaNN).

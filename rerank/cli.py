@@ -38,7 +38,7 @@ def make_workdir(path: str | None) -> str:
     fail("--workdir is required, e.g. --workdir=workdirs/demo")
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write_test")
+    probe = os.path.join(path, f".write_test.{os.getpid()}")  # several processes may probe at once
     with open(probe, "w"):
       pass
     os.remove(probe)

@@ -118,39 +118,84 @@ def ce_loss(model, params, batch, rng, group: int = 0):
   return loss, {"ce_loss": loss, "ce_acc": losses.pair_accuracy(logits, batch["labels"])}
 
 
-def _update(tx, loss_fn, params, opt_state, prefix: str):
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+def _microbatches(batch, k: int):
+  """Splits a step's batch into k equal micro-batches, stacked on a new leading axis.
+
+  BE arrays are [B, ...] -> [k, B/k, ...]. CE arrays are laid out [positives; negatives] (2B
+  rows), so each micro-batch takes B/k positives and the matching B/k negatives.
+  """
+  def split(x, paired):
+    if x.shape[0] % (2 * k if paired else k):
+      raise ValueError(f"config.grad_accum={k} must divide the batch; found {x.shape[0]} rows")
+    if paired:  # [2B, ...] -> [2, k, B/k, ...] -> [k, 2, B/k, ...] -> [k, 2B/k, ...]
+      x = x.reshape(2, k, -1, *x.shape[1:]).swapaxes(0, 1)
+      return x.reshape(k, -1, *x.shape[3:])
+    return x.reshape(k, -1, *x.shape[1:])
+  return {name: jax.tree_util.tree_map(lambda x: split(x, name == "ce"), part)
+          for name, part in batch.items()}
+
+
+def _value_and_grad(loss_fn, params, batch, rng, accum: int):
+  """((loss, metrics), grads) of loss_fn(params, batch, rng), averaged over `accum` micro-batches.
+
+  `rng` may be a tuple of keys; micro-batch i folds i into each.
+
+  With accum > 1 the micro-batches run one after another (lax.scan), so activation memory is
+  that of B/accum examples. In-batch-negative losses (VSE++, InfoNCE) then see B/accum
+  candidates per query: accumulation changes those objectives, it does not only save memory.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    return grad_fn(params, batch, rng)
+
+  def body(carry, xs):
+    i, micro = xs
+    out = grad_fn(params, micro, jax.tree_util.tree_map(lambda r: jax.random.fold_in(r, i), rng))
+    return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, rng))
+  total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), _microbatches(batch, accum)))
+  return jax.tree_util.tree_map(lambda x: x / accum, total)
+
+
+def _update(tx, loss_fn, params, opt_state, batch, rng, prefix: str, accum: int = 1):
+  (loss, metrics), grads = _value_and_grad(loss_fn, params, batch, rng, accum)
   updates, opt_state = tx.update(grads, opt_state, params)
   metrics[f"{prefix}grad_norm"] = optax.tree.norm(grads)
   return optax.apply_updates(params, updates), opt_state, loss, metrics
 
 
 def train_step(model, config, tx, state, batch):
-  """One step of `config.mode`. state = {step, params, opt_state, rng}; returns (state, metrics)."""
+  """One step of `config.mode`. state = {step, params, opt_state, rng}; returns (state, metrics).
+
+  `config.grad_accum` (default 1) splits the batch into that many micro-batches per update.
+  """
   mode = config.mode
+  accum = int(getattr(config, "grad_accum", 1) or 1)
   rng, r_be, r_ce = jax.random.split(state["rng"], 3)
   params, opt = state["params"], dict(state["opt_state"])
-  be_fn = lambda p: be_loss(model, config, p, batch["be"], r_be)  # noqa: E731
-  group = config.loss.ce_group.size if config.loss.ce == "listwise" else 0
-  ce_fn = lambda p: ce_loss(model, p, batch["ce"], r_ce, group)  # noqa: E731
+  be_fn = lambda p, b, r: be_loss(model, config, p, b["be"], r)  # noqa: E731
+  group = config.loss.ce_group.size if config.loss.get("ce", "pairwise") == "listwise" else 0
+  ce_fn = lambda p, b, r: ce_loss(model, p, b["ce"], r, group)  # noqa: E731
+  update = lambda fn, p, o, r, prefix: _update(tx, fn, p, o, batch, r, prefix, accum)  # noqa: E731
   metrics = {}
   if mode == "be":
-    params, opt["main"], loss, metrics = _update(tx, be_fn, params, opt["main"], "")
+    params, opt["main"], loss, metrics = update(be_fn, params, opt["main"], r_be, "")
   elif mode == "ce":
-    params, opt["main"], loss, metrics = _update(tx, ce_fn, params, opt["main"], "")
+    params, opt["main"], loss, metrics = update(ce_fn, params, opt["main"], r_ce, "")
   elif mode == "joint_alternate":
-    params, opt["be"], l_be, m_be = _update(tx, be_fn, params, opt["be"], "be_")
-    params, opt["ce"], l_ce, m_ce = _update(tx, ce_fn, params, opt["ce"], "ce_")
+    params, opt["be"], l_be, m_be = update(be_fn, params, opt["be"], r_be, "be_")
+    params, opt["ce"], l_ce, m_ce = update(ce_fn, params, opt["ce"], r_ce, "ce_")
     loss, metrics = l_be + l_ce, {**m_be, **m_ce}
   elif mode == "joint_sum":
-    def sum_fn(p):
-      l_be, m_be = be_fn(p)
-      l_ce, m_ce = ce_fn(p)
+    def sum_fn(p, b, r):  # r = (r_be, r_ce)
+      l_be, m_be = be_fn(p, b, r[0])
+      l_ce, m_ce = ce_fn(p, b, r[1])
       return l_be + config.loss.ce_weight * l_ce, {**m_be, **m_ce}
-    params, opt["main"], loss, metrics = _update(tx, sum_fn, params, opt["main"], "")
+    params, opt["main"], loss, metrics = update(sum_fn, params, opt["main"], (r_be, r_ce), "")
   elif mode == "separate":
-    p_be, opt["be"], l_be, m_be = _update(tx, be_fn, params["be"], opt["be"], "be_")
-    p_ce, opt["ce"], l_ce, m_ce = _update(tx, ce_fn, params["ce"], opt["ce"], "ce_")
+    p_be, opt["be"], l_be, m_be = update(be_fn, params["be"], opt["be"], r_be, "be_")
+    p_ce, opt["ce"], l_ce, m_ce = update(ce_fn, params["ce"], opt["ce"], r_ce, "ce_")
     params, loss, metrics = {"be": p_be, "ce": p_ce}, l_be + l_ce, {**m_be, **m_ce}
   else:
     raise ValueError(f"config.mode: expected one of {retrieval.MODES}; found {mode!r}")

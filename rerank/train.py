@@ -5,23 +5,32 @@ r"""Trains a retrieval model from a config file, then evaluates it on the test s
 Writes DIR/metrics.jsonl (one JSON object per logged step), TensorBoard events under
 DIR/tensorboard, checkpoints under DIR/checkpoints (newest) and DIR/best (best dev score),
 and DIR/results.json + DIR/results.md. Rerunning the same command resumes from the newest
-checkpoint in DIR; a finished run only re-evaluates.
+checkpoint in DIR; a finished run only re-evaluates. SIGTERM (a preemption notice) saves a
+checkpoint at the current step and exits 0.
+
+The same command runs on 1 device, many devices, and many processes (launch/*.sh): the mesh
+and parameter layout come from `config.mesh` and `config.rules` (rerank/sharding.py), and
+multi-host jobs are detected by rerank/distributed.py.
 """
 
 import functools
 import os
+import signal
 import time
 
 from absl import app
 from absl import flags
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rerank import checkpoint
 from rerank import cli
+from rerank import distributed
 from rerank import evaluate
 from rerank import metric_writer
 from rerank import mining
+from rerank import sharding
 from rerank import steps
 from rerank.data import batches
 from rerank.data import datasets
@@ -33,9 +42,43 @@ _STOP_AFTER = flags.DEFINE_integer(
     "end); rerunning the same command continues. For time-sliced jobs and resume tests.")
 
 
+class Preemption:
+  """SIGTERM (a preemption notice) -> every process checkpoints at the same step and exits 0.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: jax's preemption
+  service (started by `jax.distributed.initialize`) catches SIGTERM on any host, tells the
+  others, and `reached_preemption_sync_point` turns True on all of them at the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.multihost = jax.process_count() > 1
+    if not self.multihost:
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Call once per step on every process; True when this step must be the last."""
+    if self.multihost:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def release(self) -> None:
+    """After training: the final evaluation cannot checkpoint, so SIGTERM ends it at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv):
   del argv
   cli.quiet_library_logs()
+  try:
+    distributed.initialize()  # before any device is touched
+  except ValueError as e:
+    cli.fail(str(e))
+  preemption = Preemption()
   config = cli.load_config(_CONFIG)
   hn = config.hard_negatives
   if hn.every and config.mode not in ("joint_alternate", "joint_sum", "separate"):
@@ -45,21 +88,27 @@ def main(argv):
   if config.loss.ce not in ("pairwise", "listwise"):
     cli.fail(f"config.loss.ce: expected 'pairwise' or 'listwise'; found {config.loss.ce!r}")
   workdir = cli.make_workdir(_WORKDIR.value)
-  is_main = jax.process_index() == 0
-  log = print if is_main else (lambda *a, **k: None)
+  is_main = distributed.is_main()
+  log = distributed.log
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2) + "\n")
 
   # ---------------------------------------------------------------- mesh
-  # Data parallel over every device; parameters replicated. Finer layouts (FSDP, tensor
-  # parallel) come from logical-axis rules in the scale-out work.
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  # config.mesh names the axes; config.rules says which mesh axis each logical axis of the
+  # parameters and batches lives on: data parallel, FSDP and tensor parallel by rules only.
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config, mesh)
+  except ValueError as e:
+    cli.fail(str(e))
   replicated = NamedSharding(mesh, P())
-  data_sharded = NamedSharding(mesh, P("data"))
-  if config.batch_size % jax.device_count():
-    cli.fail(f"config.batch_size: expected a multiple of the {jax.device_count()} devices; "
-             f"found {config.batch_size}")
+  batch_sharded = sharding.batch_sharding(mesh, rules)
+  ways = sharding.batch_divisor(mesh, rules) * config.grad_accum
+  if config.batch_size % ways:
+    cli.fail(f"config.batch_size: expected a multiple of {ways} (batch axis "
+             f"{rules.get('batch')!r} of mesh {dict(mesh.shape)} x grad_accum "
+             f"{config.grad_accum}); found {config.batch_size}")
 
   # ---------------------------------------------------------------- input
   t0 = time.perf_counter()
@@ -74,12 +123,17 @@ def main(argv):
   model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
   tx = steps.optimizer(config)
 
-  # Jitted init creates the parameters directly with their sharding.
+  # ---------------------------------------------------------------- sharding
+  # Jitted init creates the parameters (and optimizer state) directly with their sharding.
   init_state = functools.partial(steps.init_train_state, model, config, tx)
-  state = jax.jit(init_state, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  make_state = lambda: init_state(jax.random.PRNGKey(config.seed))  # noqa: E731
+  state_sharded = sharding.state_shardings(
+      jax.eval_shape(make_state), sharding.logical_param_axes(model, config), rules, mesh)
+  state = jax.jit(make_state, out_shardings=state_sharded)()
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   log(f"model: mode={config.mode} size={config.model.hidden_size}x{config.model.num_layers} "
-      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform})")
+      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
+      f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
 
   # ---------------------------------------------------------------- resume
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -92,15 +146,18 @@ def main(argv):
 
   # ---------------------------------------------------------------- update step
   train_step = jax.jit(steps.make_train_step(model, config, tx), donate_argnums=(0,),
-                       in_shardings=(replicated, data_sharded), out_shardings=(replicated, replicated))
+                       in_shardings=(state_sharded, batch_sharded),
+                       out_shardings=(state_sharded, replicated))
 
   # ---------------------------------------------------------------- evaluators
+  # Every process evaluates alike on its own first device, from a gathered copy of the params.
   scorer = evaluate.Scorer(model, config.mode, config.eval.batch_size)
+  local = lambda params: scorer.set_params(sharding.local_replica(params, mesh))  # noqa: E731
 
   def dev_score(params) -> float:
     """Mean of R@1/5/10 both directions on dev: BE when the mode has one, else CE on a sample."""
     methods = ("BE",) if config.mode != "ce" else ("CE",)
-    rows = evaluate.evaluate(scorer.set_params(params), dev, config.mode, config.eval,
+    rows = evaluate.evaluate(local(params), dev, config.mode, config.eval,
                              seed=config.seed, methods=methods, log=lambda *_: None)
     return rows[0]["mR"]
 
@@ -115,12 +172,13 @@ def main(argv):
       # Mine for the rest of this window with the current BE (also right after a resume).
       window_end = step - 1 + hn.every - (step - 1 - hn.start) % hn.every
       t0 = time.perf_counter()
-      mined = mining.mine_window(scorer.set_params(state["params"]), train, config, step - 1,
+      mined = mining.mine_window(local(state["params"]), train, config, step - 1,
                                  min(window_end, total) - (step - 1))
       log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
           f"({time.perf_counter() - t0:.1f}s)")
     batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
                                 mined, hn.ce_prob, hn.confuser_prob, ce_group)
+    batch = sharding.shard_batch(batch, batch_sharded)
     state, step_metrics = train_step(state, batch)
     is_log = step % config.log_every == 0 or step == total
     is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
@@ -142,12 +200,18 @@ def main(argv):
         log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
       writer.write(step, row)
     stopping = _STOP_AFTER.value and step - start >= _STOP_AFTER.value and step < total
-    if step % config.checkpoint_every == 0 or step == total or stopping:
+    preempted = preemption.reached(step) and step < total
+    if step % config.checkpoint_every == 0 or step == total or stopping or preempted:
       ckpts.save(step, state)
-    if stopping:
+    if stopping or preempted:
       ckpts.wait()
-      log(f"stopped after step {step} (--stop_after={_STOP_AFTER.value}); rerun to continue")
+      ckpts.close()
+      writer.close()
+      why = "SIGTERM" if preempted else f"--stop_after={_STOP_AFTER.value}"
+      log(f"stopped after step {step} ({why}); checkpoint saved, rerun the same command to continue",
+          flush=True)
       return
+  preemption.release()
   ckpts.wait()
   writer.close()
 
@@ -159,7 +223,7 @@ def main(argv):
   test, _ = datasets.load_split(config, config.eval.split, tokenizer, ds.num_test_images or None)
   log(f"evaluating {which} parameters on {config.eval.split}: {test.num_images} images, "
       f"{test.num_texts} texts")
-  rows = evaluate.evaluate(scorer.set_params(params), test, config.mode, config.eval,
+  rows = evaluate.evaluate(local(params), test, config.mode, config.eval,
                            seed=config.seed, log=log)
   results = {"dataset": ds.name, "split": config.eval.split, "num_images": test.num_images,
              "num_texts": test.num_texts, "checkpoint": which, "rows": rows}

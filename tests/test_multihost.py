@@ -1,0 +1,64 @@
+"""Multi-host: 2 processes x 4 CPU devices (launch/local_multiprocess.sh) = the 1-device step."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rerank import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+import step_worker  # noqa: E402
+
+LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
+
+
+def test_two_processes_of_four_devices_equal_one_device(tmp_path):
+  out = str(tmp_path)
+  # fsdp + tp: parameters split over both mesh axes, the data axis across the two processes.
+  env = dict(os.environ, RERANK_LOG_DIR=out, PYTHONPATH=REPO, **step_worker.JAX_CACHE)
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([LAUNCH, "2", sys.executable, os.path.join(REPO, "tests", "step_worker.py"),
+                      f"--out={out}", "--layouts=fsdp_tp"], env=env, cwd=REPO,
+                     capture_output=True, text=True, timeout=600)
+  other = open(os.path.join(out, "rerank_proc1.log")).read() if os.path.exists(
+      os.path.join(out, "rerank_proc1.log")) else ""
+  assert r.returncode == 0, r.stderr[-2000:] + other[-2000:]
+  with open(os.path.join(out, "fsdp_tp.json")) as f:
+    info = json.load(f)
+  assert info["processes"] == 2 and info["devices"] == 8 and info["mesh"] == {"data": 4, "model": 2}
+  # Each process holds a quarter of the data axis and half of the model axis of this kernel.
+  assert info["layout"]["intermediate"]["spec"] == ["data", "model"]
+  assert info["layout"]["intermediate"]["shard"] == [16, 64]
+  # The reference: the same step on this test process's first device.
+  ref = step_worker.build()
+  step_worker.run_layout("ref", *ref, out)
+  step_worker.assert_same_step(out, "fsdp_tp")
+
+
+@pytest.mark.parametrize("env,kind", [
+    ({}, "single"),
+    ({"RERANK_COORDINATOR": "h:1", "RERANK_NUM_PROCESSES": "2", "RERANK_PROCESS_ID": "1"}, "explicit"),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, "single"),  # a single-host TPU VM needs no set-up
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "single"),
+])
+def test_launch_environment_detection(env, kind):
+  assert distributed.detect(env) == kind
+
+
+def test_incomplete_explicit_launch_is_an_error():
+  with pytest.raises(ValueError, match="RERANK_PROCESS_ID"):
+    distributed.detect({"RERANK_COORDINATOR": "h:1", "RERANK_NUM_PROCESSES": "2"})
+
+
+def test_launcher_usage_error():
+  r = subprocess.run([LAUNCH, "two", "true"], capture_output=True, text=True)
+  assert r.returncode == 2 and "usage" in r.stderr
+  r = subprocess.run([LAUNCH, "2", "sh", "-c", 'exit "$RERANK_PROCESS_ID"'], capture_output=True,
+                     text=True, env=dict(os.environ, RERANK_LOG_DIR="/tmp"))
+  assert r.returncode == 1  # process 1 failed: the launcher reports it

@@ -1,0 +1,123 @@
+"""Sharding: one step on 8 devices under dp / fsdp / tp equals the 1-device step; rules and mesh."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rerank import sharding
+from rerank import steps
+from rerank.data import batches
+from rerank.data import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from configs import demo  # noqa: E402
+from step_worker import JAX_CACHE, assert_same_step  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("layouts"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **JAX_CACHE,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "step_worker.py"),
+                      f"--out={out}", "--layouts=ref,dp,fsdp,tp"], env=env, cwd=REPO,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return out
+
+
+@pytest.mark.parametrize("layout,mesh,specs", [
+    # parameter -> expected PartitionSpec under the layout's rules (tiny model: embed 64, mlp 128)
+    ("dp", {"data": 8, "model": 1}, {"intermediate": [None, None], "query": [None, None, None]}),
+    ("fsdp", {"data": 8, "model": 1}, {"intermediate": ["data", None], "query": ["data", None, None],
+                                       "word_embeddings": [None, "data"]}),
+    ("tp", {"data": 4, "model": 2}, {"intermediate": [None, "model"], "query": [None, "model", None],
+                                     "word_embeddings": [None, None]}),
+])
+def test_one_step_on_8_devices_equals_1_device(eight_devices, layout, mesh, specs):
+  with open(os.path.join(eight_devices, f"{layout}.json")) as f:
+    info = json.load(f)
+  assert info["devices"] == 8 and info["mesh"] == mesh
+  for name, spec in specs.items():
+    got = info["layout"][name]
+    assert got["spec"] == spec, (name, got)
+    assert got["mu_spec"] == spec, (name, got)  # Adam's moments follow their parameter
+  assert_same_step(eight_devices, layout)
+
+
+def test_mesh_from_config():
+  devs = [object()] * 8  # make_mesh only lays devices out
+  assert dict(sharding.make_mesh({"model": 2, "data": -1}, devs).shape) == {"data": 4, "model": 2}
+  assert sharding.make_mesh({"model": 2, "data": -1}, devs).axis_names == ("data", "model")
+  assert dict(sharding.make_mesh({"data": 8}, devs).shape) == {"data": 8}
+  for bad, msg in [({"data": 3}, "need 3 devices"), ({"data": -1, "model": 3}, "must divide"),
+                   ({"data": -1, "model": -1}, "at most one -1")]:
+    with pytest.raises(ValueError, match=msg):
+      sharding.make_mesh(bad, devs)
+
+
+def test_rules_fall_back_to_replication():
+  mesh = sharding.make_mesh({"data": 4, "model": 2}, [object()] * 8)
+  rules = dict(sharding.RULES["tp"], embed="data", mlp="data")
+  # embed takes "data" first, so mlp (also "data") stays whole; an odd vocab is not split.
+  assert sharding.mesh_spec(("embed", "mlp"), (64, 128), rules, mesh) == sharding.P("data", None)
+  assert sharding.mesh_spec(("vocab", "embed"), (47, 64), dict(rules, vocab="model"),
+                            mesh) == sharding.P(None, "data")
+  spec = sharding.mesh_spec((None, "heads", "kv"), (8, 2, 32), rules, mesh)
+  assert spec == sharding.P(None, "model", None)
+
+
+def test_rules_are_checked():
+  mesh = sharding.make_mesh({"data": 8}, [object()] * 8)
+  config = demo.get_config("runlocal")
+  config.rules.mlp = "model"
+  with pytest.raises(ValueError, match="config.rules.mlp"):
+    sharding.rules_from_config(config, mesh)
+  with pytest.raises(ValueError, match="sharding"):
+    demo.get_config("sharding=zero3")
+
+
+def _ce_setup(**model_overrides):
+  config = demo.get_config("runlocal,mode=ce")
+  config.model.num_layers = 1
+  config.model.update(model_overrides)
+  tok = datasets.get_tokenizer(config)
+  data, _ = datasets.load_split(config, "train", tok, config.dataset.num_train_images)
+  batch = batches.train_batch(data, "ce", config.batch_size, 0, 0)
+  return config, tok, batch
+
+
+def _step(config, tok, batch):
+  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  tx = steps.optimizer(config)
+  state = steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
+  return jax.jit(steps.make_train_step(model, config, tx))(state, batch)
+
+
+def test_gradient_accumulation_and_remat_match_the_plain_step():
+  # CE loss is a mean over pairs, so 2 micro-batches of B/2 pairs give the full-batch gradient
+  # (dropout off: micro-batches draw their own dropout masks). Remat recomputes, same numbers.
+  config, tok, batch = _ce_setup(dropout_rate=0.0, attention_dropout_rate=0.0, head_dropout=0.0)
+  s1, m1 = _step(config, tok, batch)
+  config.grad_accum = 2
+  s2, m2 = _step(config, tok, batch)
+  config.grad_accum = 1
+  config.model.remat = True
+  s3, m3 = _step(config, tok, batch)
+  for state, m in ((s2, m2), (s3, m3)):
+    np.testing.assert_allclose(m["loss"], m1["loss"], **TOL)
+    np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], **TOL)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, **TOL),
+                           s1["params"], state["params"])
+  # The split keeps each positive with its negative: micro-batch i = rows i of both halves.
+  micro = steps._microbatches({"ce": {"labels": np.arange(8)}}, 2)["ce"]["labels"]
+  np.testing.assert_array_equal(micro, [[0, 1, 4, 5], [2, 3, 6, 7]])
