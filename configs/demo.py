@@ -34,7 +34,12 @@ def get_config(arg=None):
   c.max_text_len = 40
   c.max_regions = 4  # == dataset.max_objects
 
-  c.model = config_utils.model_config(arg.size)
+  # From scratch, a LayerNorm on the region embeddings (as M3P/UNITER have; OSCAR only when its
+  # config asks) puts regions on the text embeddings' scale: without it a CE trained alone stays
+  # at loss log(2) for 400+ steps here, with it it learns within 200. No dropout: 1,600 steps
+  # over 145k captions do not overfit, and dropout costs ~25% of a CPU step.
+  scratch = dict(visual_layernorm=True, dropout_rate=0.0, attention_dropout_rate=0.0)
+  c.model = config_utils.model_config(arg.size, **scratch)
   c.init_from = ""  # a converted checkpoint directory to start from (later issue)
 
   c.batch_size = 64
@@ -57,8 +62,11 @@ def get_config(arg=None):
   # caption's image (synthetic_scenes: its family siblings, of which every caption is false).
   # index: "" mines by chunked brute force; exact|scann|jax|auto mine through rerank.index and
   # draw negatives with p ~ softmax(cosine / temperature) (temperature 0 = uniform over top).
+  # `be_negatives`: per caption, that many mined images feed a sampled-triplet BE loss (margin
+  # loss.margin) added to the in-batch one (the authors' ANCE runs use 7; random images before
+  # the first mining).
   c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0, confuser_prob=0.0, index="",
-                          temperature=0.0)
+                          temperature=0.0, be_negatives=0)
 
   c.log_every = 50
   c.checkpoint_every = 500
@@ -92,7 +100,7 @@ def get_config(arg=None):
     c.dataset.num_train_images = 64
     c.dataset.num_dev_images = 16
     c.dataset.num_test_images = 32
-    c.model = config_utils.model_config("tiny")
+    c.model = config_utils.model_config("tiny", **scratch)
     c.batch_size = 8
     c.total_steps = 6
     c.warmup_steps = 1

@@ -39,14 +39,19 @@ from rerank import rerank as rerank_lib
 from rerank import steps
 from rerank.data import datasets
 
-_OUT = flags.DEFINE_string("out", None, "Output directory for bench.json, bench.md, bench.png.")
-_SIZES = flags.DEFINE_list("sizes", None, "Corpus sizes (default 1e3,1e4,1e5,1e6; --quick 1e3,1e4,1e5).")
-_MODEL = flags.DEFINE_enum("model", "tiny", ["tiny", "mini", "small", "base"], "Encoder size.")
-_QUICK = flags.DEFINE_bool("quick", False, "A few minutes on a laptop CPU; still one corpus of 100k.")
-_K = flags.DEFINE_integer("k", 20, "Candidates reranked, and the k of recall@k.")
-_QUERIES = flags.DEFINE_integer("queries", 0, "Queries per search timing (default 200; quick 50).")
-_CE_MAX = flags.DEFINE_integer("ce_max", 0, "Largest CE-full size measured (default 4096; quick 1024).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic embeddings.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+  flags.DEFINE_string("out", None, "Output directory for bench.json, bench.md, bench.png.")
+  flags.DEFINE_list("sizes", None, "Corpus sizes (default 1e3,1e4,1e5,1e6; --quick 1e3,1e4,1e5).")
+  flags.DEFINE_enum("model", "tiny", ["tiny", "mini", "small", "base"], "Encoder size.")
+  flags.DEFINE_bool("quick", False, "A few minutes on a laptop CPU; still one corpus of 100k.")
+  flags.DEFINE_integer("k", 20, "Candidates reranked, and the k of recall@k.")
+  flags.DEFINE_integer("queries", 0, "Queries per search timing (default 200; quick 50).")
+  flags.DEFINE_integer("ce_max", 0, "Largest CE-full size measured (default 4096; quick 1024).")
+  flags.DEFINE_integer("seed", 0, "Seed of the synthetic embeddings.")
 
 
 def clustered_embeddings(n: int, dim: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -264,23 +269,24 @@ def write(out_dir: str, res: dict):
 def main(argv):
   del argv
   cli.quiet_library_logs()
-  if not _OUT.value:
+  if not FLAGS.out:
     cli.fail("--out is required, e.g. --out=workdirs/bench")
-  quick = _QUICK.value
+  quick = FLAGS.quick
   try:
-    sizes = [int(float(s)) for s in (_SIZES.value or (["1e3", "1e4", "1e5"] if quick else
+    sizes = [int(float(s)) for s in (FLAGS.sizes or (["1e3", "1e4", "1e5"] if quick else
                                                       ["1e3", "1e4", "1e5", "1e6"]))]
   except ValueError:
-    cli.fail(f"--sizes: expected comma-separated integers; found {_SIZES.value}")
-  if not sizes or min(sizes) < _K.value:
-    cli.fail(f"--sizes: every size must be >= k={_K.value}; found {sizes}")
-  queries = _QUERIES.value or (50 if quick else 200)
-  ce_max = _CE_MAX.value or (1024 if quick else 4096)
+    cli.fail(f"--sizes: expected comma-separated integers; found {FLAGS.sizes}")
+  if not sizes or min(sizes) < FLAGS.k:
+    cli.fail(f"--sizes: every size must be >= k={FLAGS.k}; found {sizes}")
+  queries = FLAGS.queries or (50 if quick else 200)
+  ce_max = FLAGS.ce_max or (1024 if quick else 4096)
   t0 = time.perf_counter()
-  res = run(_OUT.value, sorted(sizes), _MODEL.value, _K.value, queries, ce_max, _SEED.value)
+  res = run(FLAGS.out, sorted(sizes), FLAGS.model, FLAGS.k, queries, ce_max, FLAGS.seed)
   print("\n" + markdown(res))
-  print(f"wrote {_OUT.value}/bench.json, bench.md, bench.png in {time.perf_counter() - t0:.0f}s")
+  print(f"wrote {FLAGS.out}/bench.json, bench.md, bench.png in {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -115,6 +115,22 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(losses)
 
 
+def sampled_triplet_loss(txt_emb: jax.Array, img_emb: jax.Array, neg_emb: jax.Array,
+                         margin: float = 0.1) -> jax.Array:
+  """Triplet hinge of each caption against n sampled (e.g. mined) negative images, text->image.
+
+  Args:
+    txt_emb: [B, D] captions; img_emb: [B, D] their images; neg_emb: [B, n, D] negatives.
+  Returns:
+    Scalar: mean over the B * n triplets of relu(d(t, pos) - d(t, neg) + margin), d = 1 - cos.
+  """
+  t = _l2_normalise(txt_emb)  # [B, D]
+  pos = jnp.sum(t * _l2_normalise(img_emb), -1)  # [B] cosine
+  neg = jnp.einsum("bd,bnd->bn", t, _l2_normalise(neg_emb),
+                   precision=jax.lax.Precision.HIGHEST)  # [B, n]
+  return jnp.mean(jax.nn.relu(neg - pos[:, None] + margin))
+
+
 def listwise_loss(scores: jax.Array) -> jax.Array:
   """Softmax cross-entropy over groups whose first candidate is the positive: [B, G] -> scalar."""
   logp = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)

@@ -13,14 +13,18 @@ from absl import flags
 from rerank import cli
 from rerank import index as index_lib
 
-_INDEX = flags.DEFINE_string("index", None, "Index directory (python -m rerank.index --out=DIR).")
-_QUERY = flags.DEFINE_multi_string("query", None, "Query text; repeat the flag for several.")
-_K = flags.DEFINE_integer("k", 20, "Candidates retrieved (and reranked); clamped to the corpus size.")
-_RERANK = flags.DEFINE_bool("rerank", False, "Rerank the top-k with the cross-encoder.")
-_SHOW = flags.DEFINE_integer("show", 10, "How many of the k to print per query.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Training workdir to use instead of the one recorded in the index "
-    "(must have the same parameters).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+  flags.DEFINE_string("index", None, "Index directory (python -m rerank.index --out=DIR).")
+  flags.DEFINE_multi_string("query", None, "Query text; repeat the flag for several.")
+  flags.DEFINE_integer("k", 20, "Candidates retrieved (and reranked); clamped to the corpus size.")
+  flags.DEFINE_bool("rerank", False, "Rerank the top-k with the cross-encoder.")
+  flags.DEFINE_integer("show", 10, "How many of the k to print per query.")
+  flags.DEFINE_string("checkpoint", None, "Training workdir to use instead of the one recorded "
+                      "in the index (must have the same parameters).")
 
 
 def main(argv):
@@ -28,26 +32,27 @@ def main(argv):
   from rerank import retriever  # noqa: PLC0415  (heavy imports after flag errors)
 
   cli.quiet_library_logs()
-  if not _INDEX.value:
+  if not FLAGS.index:
     cli.fail("--index is required (a directory written by python -m rerank.index)")
-  queries = _QUERY.value or []
+  queries = FLAGS.query or []
   if not queries or any(not q.strip() for q in queries):
     cli.fail(f"--query: expected a non-empty text; found {queries!r}")
-  if _K.value < 1:
-    cli.fail(f"--k: expected >= 1; found {_K.value}")
+  if FLAGS.k < 1:
+    cli.fail(f"--k: expected >= 1; found {FLAGS.k}")
   try:
-    r = retriever.Retriever.load(_INDEX.value, _CHECKPOINT.value)
-    results = r.search(queries, k=_K.value, rerank=_RERANK.value)
+    r = retriever.Retriever.load(FLAGS.index, FLAGS.checkpoint)
+    results = r.search(queries, k=FLAGS.k, rerank=FLAGS.rerank)
   except (FileNotFoundError, index_lib.IndexMismatchError, ValueError) as e:
     cli.fail(str(e))
   for query, hits in zip(queries, results):
     print(f"\nquery: {query!r}  ({len(hits)} of {r.index.size} images"
-          f"{', CE reranked' if _RERANK.value else ''})")
+          f"{', CE reranked' if FLAGS.rerank else ''})")
     print(f"{'rank':>4} {'row':>6} {'image_id':>9} {'BE cos':>7} {'CE':>8}  caption")
-    for h in hits[:_SHOW.value]:
-      ce = f"{h['ce_score']:8.3f}" if _RERANK.value else f"{'-':>8}"
+    for h in hits[:FLAGS.show]:
+      ce = f"{h['ce_score']:8.3f}" if FLAGS.rerank else f"{'-':>8}"
       print(f"{h['rank']:>4} {h['row']:>6} {h['image_id']:>9} {h['be_score']:7.3f} {ce}  {h['caption']}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -98,7 +98,14 @@ def be_loss(model, config, params, batch, rng):
     loss = losses.infonce_loss(txt, img, ids, ids, temperature=config.loss.temperature)
   else:
     raise ValueError(f"config.loss.be: expected one of {sorted(losses.BE_LOSSES)}; found {name!r}")
-  return loss, {"be_loss": loss}
+  metrics = {"be_loss": loss}
+  if "neg_regions" in batch:  # ANCE: + a sampled-triplet loss on mined negatives
+    neg = model.apply({"params": params}, batch["neg_regions"], batch["neg_region_mask"], False,
+                      method=model.embed_image, rngs=rngs)  # [B * n, H]
+    neg = neg.reshape(txt.shape[0], -1, neg.shape[-1])  # [B, n, H]
+    metrics["be_mined_loss"] = losses.sampled_triplet_loss(txt, img, neg, config.loss.margin)
+    loss = loss + metrics["be_mined_loss"]
+  return loss, metrics
 
 
 def ce_loss(model, params, batch, rng, group: int = 0):

@@ -34,6 +34,7 @@ from rerank import sharding
 from rerank import steps
 from rerank.data import batches
 from rerank.data import datasets
+from rerank.data import eval_sets
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
@@ -81,9 +82,13 @@ def main(argv):
   preemption = Preemption()
   config = cli.load_config(_CONFIG)
   hn = config.hard_negatives
-  if hn.every and config.mode not in ("joint_alternate", "joint_sum", "separate"):
-    cli.fail(f"config.hard_negatives needs a BE and a CE (a joint or separate mode); "
-             f"found mode={config.mode!r}")
+  if hn.every and config.mode == "ce":
+    cli.fail("config.hard_negatives.every: mining needs a bi-encoder; found mode='ce'")
+  if hn.ce_prob and config.mode == "be":
+    cli.fail("config.hard_negatives.ce_prob: mined CE negatives need a cross-encoder; "
+             "found mode='be'")
+  if hn.get("be_negatives", 0) and config.mode == "ce":
+    cli.fail("config.hard_negatives.be_negatives: needs a bi-encoder; found mode='ce'")
 
   if config.loss.ce not in ("pairwise", "listwise"):
     cli.fail(f"config.loss.ce: expected 'pairwise' or 'listwise'; found {config.loss.ce!r}")
@@ -177,7 +182,8 @@ def main(argv):
       log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
           f"({time.perf_counter() - t0:.1f}s)")
     batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
-                                mined, hn.ce_prob, hn.confuser_prob, ce_group)
+                                mined, hn.ce_prob, hn.confuser_prob, ce_group,
+                                hn.get("be_negatives", 0))
     batch = sharding.shard_batch(batch, batch_sharded)
     state, step_metrics = train_step(state, batch)
     is_log = step % config.log_every == 0 or step == total
@@ -220,13 +226,13 @@ def main(argv):
   if config.eval.use_best and ckpts.best.best_step() is not None:
     params, which = ckpts.restore_params(state, prefer_best=True)
   ckpts.close()
-  test, _ = datasets.load_split(config, config.eval.split, tokenizer, ds.num_test_images or None)
-  log(f"evaluating {which} parameters on {config.eval.split}: {test.num_images} images, "
-      f"{test.num_texts} texts")
-  rows = evaluate.evaluate(local(params), test, config.mode, config.eval,
-                           seed=config.seed, log=log)
-  results = {"dataset": ds.name, "split": config.eval.split, "num_images": test.num_images,
-             "num_texts": test.num_texts, "checkpoint": which, "rows": rows}
+  log(f"evaluating {which} parameters")
+  # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
+  evaluate_fn = functools.partial(evaluate.evaluate, index_cfg=config.get("index"))
+  results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split,
+                              evaluate_fn, local(params), log=log,
+                              num_images=ds.num_test_images or None)
+  results["checkpoint"] = which
   if is_main:
     table = evaluate.write_results(workdir, results)
     log("\n" + table)

@@ -125,3 +125,16 @@ def test_ce_group_batch_positive_first_then_confusers_then_random_others():
     batches.ce_group_batch(data, rows, np.random.default_rng(1), group=g, num_confusers=3)
   with pytest.raises(ValueError, match="group=1"):
     batches.ce_group_batch(data, rows, np.random.default_rng(1), group=1)
+
+
+def test_be_negatives_come_from_mined_lists_else_random_other_images():
+  data = _data()
+  rows = np.array([0, 4, 20])
+  mined = {0: np.array([7, 8]), 20: np.array([3])}
+  negs = batches.be_negatives(data, rows, np.random.default_rng(0), 5, mined)
+  assert negs.shape == (3, 5)
+  assert set(negs[0]) <= {7, 8} and set(negs[2]) == {3}
+  assert all(data.image_ids[n] != data.image_ids[data.caption_image[4]] for n in negs[1])
+  batch = batches.train_batch(data, "be", 3, 0, 0, mined, num_be_negatives=5)["be"]
+  assert batch["neg_regions"].shape == (15, 2, 5) and batch["neg_region_mask"].shape == (15, 2)
+  assert "neg_regions" not in batches.train_batch(data, "be", 3, 0, 0)["be"]

@@ -190,3 +190,16 @@ def test_listwise_loss_matches_numpy_softmax_reference():
   better = scores.copy()
   better[:, 0] += 1.0
   assert float(losses.listwise_loss(jnp.asarray(better))) < float(losses.listwise_loss(scores))
+
+
+def test_sampled_triplet_matches_loop_reference():
+  rng = np.random.default_rng(5)
+  t, p, n = (rng.normal(size=s).astype(np.float32) for s in [(4, 6), (4, 6), (4, 3, 6)])
+  cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+  ref = np.mean([max(0.0, cos(t[i], n[i, j]) - cos(t[i], p[i]) + 0.2)
+                 for i in range(4) for j in range(3)])
+  got = losses.sampled_triplet_loss(jnp.asarray(t), jnp.asarray(p), jnp.asarray(n), margin=0.2)
+  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+  # negatives far from every caption give zero loss
+  assert float(losses.sampled_triplet_loss(jnp.asarray(t), jnp.asarray(t),
+                                           -jnp.asarray(t)[:, None], margin=0.2)) == 0.0

@@ -146,6 +146,8 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
     (["rerank.train", "--config=configs/demo.py", "--workdir={tmp}/w", "--config.lr=abc"], "lr"),
     (["rerank.evaluate", "--config=configs/demo.py:runlocal", "--workdir={tmp}/missing"], "missing"),
     (["rerank.evaluate", "--config=configs/demo.py:runlocal", "--workdir={tmp}"], "no checkpoint"),
+    (["rerank.train", "--config=configs/demo.py:runlocal,mode=ce", "--workdir={tmp}/w",
+      "--config.hard_negatives.every=2"], "bi-encoder"),
 ])
 def test_bad_input_gives_one_actionable_line(tmp_path, args, expected):
   (tmp_path / "file").write_text("not a directory")
@@ -155,3 +157,19 @@ def test_bad_input_gives_one_actionable_line(tmp_path, args, expected):
   assert lines and lines[-1].startswith("error:"), r.stderr[-2000:]
   assert expected in lines[-1]
   assert "Traceback" not in r.stderr
+
+
+def test_cli_ance_mines_negatives_for_both_losses(tmp_path):
+  # Mining every 3 steps through an exact index feeds the BE's sampled-triplet loss (2 negatives
+  # per caption) and half of the CE's negatives.
+  w = str(tmp_path / "ance")
+  r = _run("rerank.train", "--config=configs/demo.py:runlocal", f"--workdir={w}",
+           "--config.hard_negatives.every=3", "--config.hard_negatives.top=4",
+           "--config.hard_negatives.be_negatives=2", "--config.hard_negatives.ce_prob=0.5",
+           "--config.hard_negatives.index=exact", "--config.eval_every=0")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.count("mined 4 BE negatives") == 2, r.stdout  # steps 1 and 4
+  with open(os.path.join(w, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert rows and all(row["be_mined_loss"] >= 0 for row in rows)
+  assert all(np.isfinite(row["loss"]) for row in rows)

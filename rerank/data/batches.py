@@ -72,12 +72,36 @@ def caption_rows(num_texts: int, batch_size: int, seed: int, step: int) -> np.nd
   return np.asarray(out, np.int64)
 
 
-def be_batch(data: RetrievalData, rows: np.ndarray) -> dict[str, np.ndarray]:
+def be_batch(data: RetrievalData, rows: np.ndarray,
+             negatives: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """B captions and their images; with `negatives` ([B, n] image rows) also their regions,
+  laid out caption by caption ([B * n, R, F]) for the sampled-triplet loss."""
   img_rows = data.caption_image[rows]
   regions, region_mask = data.region_features(img_rows)
-  return {"token_ids": data.token_ids[rows], "text_mask": data.text_mask[rows],
-          "regions": regions, "region_mask": region_mask,
-          "image_ids": data.image_ids[img_rows]}
+  out = {"token_ids": data.token_ids[rows], "text_mask": data.text_mask[rows],
+         "regions": regions, "region_mask": region_mask,
+         "image_ids": data.image_ids[img_rows]}
+  if negatives is not None:
+    out["neg_regions"], out["neg_region_mask"] = data.region_features(negatives.reshape(-1))
+  return out
+
+
+def be_negatives(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator, num: int,
+                 mined: dict | None = None) -> np.ndarray:
+  """[B, num] negative image rows per caption: draws from its mined list (`rerank.mining`) where
+  it has one, else random images of another id (so shapes stay static before mining starts)."""
+  out = np.empty((len(rows), num), np.int64)
+  for i, r in enumerate(rows):
+    own = data.image_ids[data.caption_image[r]]
+    if mined is not None and int(r) in mined and len(mined[int(r)]):
+      out[i] = rng.choice(mined[int(r)], num)
+      continue
+    for j in range(num):
+      c = data.caption_image[r]
+      while data.image_ids[c] == own:
+        c = rng.integers(data.num_images)
+      out[i, j] = c
+  return out
 
 
 def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
@@ -160,16 +184,20 @@ def ce_group_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generat
 
 def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int,
                 mined: dict | None = None, hard_prob: float = 0.0,
-                confuser_prob: float = 0.0, ce_group: dict | None = None) -> dict:
+                confuser_prob: float = 0.0, ce_group: dict | None = None,
+                num_be_negatives: int = 0) -> dict:
   """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}.
 
   `ce_group` = dict(captions=, size=, confusers=) switches the CE batch to `ce_group_batch`
-  over the first `captions` captions of the step.
+  over the first `captions` captions of the step. `num_be_negatives` > 0 adds that many
+  (mined, else random) negative images per caption to the BE batch (`be_negatives`).
   """
   rows = caption_rows(data.num_texts, batch_size, seed, step)
   out = {}
   if mode != "ce":
-    out["be"] = be_batch(data, rows)
+    negatives = (be_negatives(data, rows, _rng(seed, 3, step), num_be_negatives, mined)
+                 if num_be_negatives else None)
+    out["be"] = be_batch(data, rows, negatives)
   if mode != "be" and ce_group:
     out["ce"] = ce_group_batch(data, rows[:ce_group["captions"]], _rng(seed, 1, step),
                                ce_group["size"], ce_group["confusers"])

@@ -26,9 +26,14 @@ from rerank.data import pipeline
 from rerank.data import prepare
 from rerank.data import tfds_builders
 
-_IMAGES = flags.DEFINE_integer("images", 1000, "Images in the synthetic release (train split).")
-_STEPS = flags.DEFINE_integer("steps", 30, "Timed pipeline steps.")
-_BATCH = flags.DEFINE_integer("batch", 128, "Global batch (captions per step).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+  flags.DEFINE_integer("images", 1000, "Images in the synthetic release (train split).")
+  flags.DEFINE_integer("steps", 30, "Timed pipeline steps.")
+  flags.DEFINE_integer("batch", 128, "Global batch (captions per step).")
 _WORDS = [f"word{i}" for i in range(500)]
 
 
@@ -65,8 +70,8 @@ def main(argv):
   root = tempfile.mkdtemp(prefix="rerank-bench-")
   try:
     src, out = os.path.join(root, "src"), os.path.join(root, "data")
-    size = write_release(src, _IMAGES.value)
-    print(f"release: {_IMAGES.value} images, 10-100 regions each, TSV {size / 2**20:.0f} MiB")
+    size = write_release(src, FLAGS.images)
+    print(f"release: {FLAGS.images} images, 10-100 regions each, TSV {size / 2**20:.0f} MiB")
     for dtype in ("float16", "float32"):
       t0 = time.perf_counter()
       summary = prepare.prepare("flickr30k_butd", src, out, dtype=dtype, overwrite=True)
@@ -83,20 +88,21 @@ def main(argv):
     print(f"load_split (read + tokenise {data.num_texts} captions): "
           f"{time.perf_counter() - t0:.2f}s")
     for prefetch in (0, 2):
-      it = pipeline.HostIterator(data, "joint_alternate", _BATCH.value, seed=0,
+      it = pipeline.HostIterator(data, "joint_alternate", FLAGS.batch, seed=0,
                                  host=pipeline.Host(0, 1), prefetch=prefetch)
       next(it)  # warm-up: thread start, first reads
       t0 = time.perf_counter()
-      for _ in range(_STEPS.value):
+      for _ in range(FLAGS.steps):
         batch = next(it)
       dt = time.perf_counter() - t0
       it.close()
-      print(f"pipeline (batch {_BATCH.value}, BE {batch['be']['regions'].shape} + CE "
+      print(f"pipeline (batch {FLAGS.batch}, BE {batch['be']['regions'].shape} + CE "
             f"{batch['ce']['regions'].shape} regions, prefetch={prefetch}): "
-            f"{_STEPS.value / dt:.2f} batches/s")
+            f"{FLAGS.steps / dt:.2f} batches/s")
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -30,20 +30,25 @@ from rerank.data.sources import common
 from rerank.data.sources import flickr30k_butd
 from rerank.data.sources import synthetic
 
-_DATASET = flags.DEFINE_enum("dataset", None, list(SOURCES), "Which release to convert.")
-_SOURCE_DIR = flags.DEFINE_string("source_dir", None, "Directory with the release's files.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write NAME/1.0.0 into.")
-_DTYPE = flags.DEFINE_enum("dtype", "float16", list(tfds_builders.DTYPES),
-                           "Storage type of region features (boxes are always float32).")
-_FEATURES = flags.DEFINE_string("features", None, "flickr30k_butd/multi30k: glob of the "
-                                "bottom-up-attention TSV files (default SOURCE_DIR/*.tsv*).")
-_SPLITS = flags.DEFINE_list("splits", None, "Only these splits (default: all of the dataset).")
-_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip bad items and count them instead of "
-                              "stopping at the first.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing prepared dataset.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "synthetic_scenes: images per split "
-                                   "(0 = full size).")
-_SEED = flags.DEFINE_integer("seed", 0, "synthetic_scenes: generator seed.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+  flags.DEFINE_enum("dataset", None, list(SOURCES), "Which release to convert.")
+  flags.DEFINE_string("source_dir", None, "Directory with the release's files.")
+  flags.DEFINE_string("data_dir", None, "TFDS data directory to write NAME/1.0.0 into.")
+  flags.DEFINE_enum("dtype", "float16", list(tfds_builders.DTYPES),
+                    "Storage type of region features (boxes are always float32).")
+  flags.DEFINE_string("features", None, "flickr30k_butd/multi30k: glob of the "
+                      "bottom-up-attention TSV files (default SOURCE_DIR/*.tsv*).")
+  flags.DEFINE_list("splits", None, "Only these splits (default: all of the dataset).")
+  flags.DEFINE_bool("skip_bad", False, "Skip bad items and count them instead of "
+                    "stopping at the first.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing prepared dataset.")
+  flags.DEFINE_integer("num_images", 0, "synthetic_scenes: images per split "
+                       "(0 = full size).")
+  flags.DEFINE_integer("seed", 0, "synthetic_scenes: generator seed.")
 
 
 def split_readers(name: str, source_dir: str, splits, problems: common.Problems,
@@ -82,21 +87,21 @@ def prepare(name: str, source_dir: str, data_dir: str, dtype: str = "float16", s
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  name = _DATASET.value
+  name = FLAGS.dataset
   if name is None:
     cli.fail(f"--dataset is required: one of {', '.join(SOURCES)}")
-  if not _DATA_DIR.value:
+  if not FLAGS.data_dir:
     cli.fail("--data_dir is required (where NAME/1.0.0 is written)")
-  source_dir = _SOURCE_DIR.value
+  source_dir = FLAGS.source_dir
   if name != "synthetic_scenes" and (not source_dir or not os.path.isdir(source_dir)):
     cli.fail(f"--source_dir: expected a directory with the {name} release files; "
              f"found {source_dir!r}")
   tfds_builders.quiet()
   t0 = time.perf_counter()
   try:
-    summary = prepare(name, source_dir, _DATA_DIR.value, _DTYPE.value, _SPLITS.value,
-                      _SKIP_BAD.value, _OVERWRITE.value, _FEATURES.value, _NUM_IMAGES.value,
-                      _SEED.value)
+    summary = prepare(name, source_dir, FLAGS.data_dir, FLAGS.dtype, FLAGS.splits,
+                      FLAGS.skip_bad, FLAGS.overwrite, FLAGS.features, FLAGS.num_images,
+                      FLAGS.seed)
   except common.BadInput as e:
     hint = "" if e.kind == "missing_file" else " (--skip_bad skips such items and counts them)"
     cli.fail(f"{e}{hint}; nothing was written")
@@ -107,4 +112,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=cli.parse_flags)
