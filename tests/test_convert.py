@@ -398,3 +398,18 @@ def test_m3p_layout_matches_numpy_reference(tmp_path):
   cfg = load.encoder_config(meta)
   assert (cfg.order, cfg.positions, cfg.type_vocab_size, meta["cls_token"]) == ("image_first", "sequence", 0, "<s>")
   _check(load.load_encoder_params(str(tmp_path / "dst")), cfg, ref, pooled, ids, tmask, regions, rmask)
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+  rng = np.random.default_rng(0)
+  state = {"a.weight": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float16),
+           "c": np.arange(4, dtype=np.int64).reshape(2, 2), "scalar": np.array(2.5, np.float32)}
+  path = str(tmp_path / "x.safetensors")
+  st_numpy.save_file(state, path)
+  ours = dict(load._read_safetensors(path))  # pylint: disable=protected-access
+  theirs = st_numpy.load_file(path)
+  assert set(ours) == set(theirs)
+  for k, v in theirs.items():
+    assert ours[k].dtype == v.dtype and ours[k].shape == v.shape
+    np.testing.assert_array_equal(ours[k], v)
+  assert load.read_state_dict(path)["b"].dtype == np.float32  # floats widen to float32

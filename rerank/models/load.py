@@ -48,12 +48,7 @@ def find_weights(src: str) -> str:
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """{key: float32 numpy array} from a safetensors or torch file (`{"model": ...}` unwrapped)."""
   if path.endswith(".safetensors"):
-    from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
-    try:
-      state = st_numpy.load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated headers/data
-      raise ConvertError(f"{path}: cannot read safetensors ({e}); the file may be truncated") from e
-    return {k: _float32(v) for k, v in state.items()}
+    return {k: _float32(v) for k, v in _read_safetensors(path)}
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -75,6 +70,53 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(v, torch.Tensor):
       out[k] = _float32(v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy())
   return out
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_safetensors(path: str):
+  """Yields (key, array) from a .safetensors file, reading one tensor at a time.
+
+  The format is an 8-byte little-endian header size, a JSON header {key: {dtype, shape,
+  data_offsets}}, then raw little-endian buffers. Reading it directly keeps peak memory at one
+  copy of the weights: safetensors' own numpy loader maps the file and copies every tensor,
+  twice the checkpoint at its peak (measured with rerank.convert_benchmark). Tests check this
+  reader against `safetensors.numpy.load_file`.
+  """
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    raw = f.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if n < 0 or 8 + n > size:
+      raise ConvertError(f"{path}: safetensors header claims {n} bytes but the file has {size}; "
+                         "the file is truncated or not safetensors")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConvertError(f"{path}: unreadable safetensors header ({e}); the file may be truncated") from e
+    header.pop("__metadata__", None)
+    for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+      dtype = _ST_DTYPES.get(info.get("dtype"))
+      if dtype is None:
+        raise ConvertError(f"{path}: tensor {key}: unsupported dtype {info.get('dtype')!r}")
+      if dtype == "bfloat16":
+        import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency)
+        dtype = ml_dtypes.bfloat16
+      begin, end = info["data_offsets"]
+      shape = tuple(info["shape"])
+      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+      if end - begin != nbytes:
+        raise ConvertError(f"{path}: tensor {key}: {end - begin} bytes for shape {shape} {info['dtype']}")
+      if 8 + n + end > size:
+        raise ConvertError(f"{path}: tensor {key} ends at byte {8 + n + end} but the file has {size}; "
+                           "the file is truncated")
+      out = np.empty(shape, dtype)
+      f.seek(8 + n + begin)
+      if f.readinto(out.reshape(-1).view(np.uint8)) != nbytes:
+        raise ConvertError(f"{path}: tensor {key}: short read; the file is truncated")
+      yield key, out
 
 
 def _float32(x: np.ndarray) -> np.ndarray:
@@ -185,12 +227,13 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
   for path, shape in sorted(shapes.items()):
     e = by_path.get(path)
     if e is not None and e.key in state:
-      value = _convert(e, state.pop(e.key), shape)
+      # Straight onto the device (host memory on CPU): orbax then writes without another copy.
+      value = jax.device_put(_convert(e, state.pop(e.key), shape))
       loaded += 1
     else:
       if e is None and not any(path[:len(p)] == p for p in fresh):
         raise AssertionError(f"converter bug: {path} has no checkpoint key and is not new by design")
-      value = _fresh(path, shape, rng)
+      value = jax.device_put(_fresh(path, shape, rng))
       report_fresh.append("/".join(path))
     node = tree
     for name in path[:-1]:
@@ -214,9 +257,11 @@ def _group(keys: list[str]) -> dict[str, int]:
 def save_converted(dst_tmp: str, meta: dict, encoder_params, tokenizer) -> None:
   """Writes a converted checkpoint into `dst_tmp` (the caller renames it into place)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(os.path.abspath(dst_tmp), "params"), {"encoder": encoder_params})
-    ckptr.wait_until_finished()
+  # Uncompressed: compression buffers a second copy of every tensor while writing (measured).
+  handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(os.path.join(os.path.abspath(dst_tmp), "params"), args=ocp.args.PyTreeSave(
+        {"encoder": encoder_params}))
   tokenizer.save_pretrained(os.path.join(dst_tmp, "tokenizer"))
   with open(os.path.join(dst_tmp, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
