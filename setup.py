@@ -33,7 +33,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.87"],
-        # A plain `torch` pulls a multi-GB CUDA build on most machines; keep it opt-in.
+        # A plain `torch` pulls a multi-GB CUDA build on most machines; keep it opt-in. Needed
+        # only to read PyTorch .bin/.pth checkpoints (weights_only=True) and for the parity tests.
         "torch": ["torch>=2.3"],
     },
 )
