@@ -107,10 +107,13 @@ def load(path: str, batch_size: int = 64, max_text_len: int | None = None, max_r
     cfg = load_lib.encoder_config(meta)
     model = retrieval.RetrievalModel(cfg, cls_token_id=meta["cls_token_id"])
     params = {"encoder": jax.tree_util.tree_map(jnp.asarray, load_lib.load_encoder_params(path))}
-    # DESIGN §2: 70 wordpieces + 2 specials (OSCAR); M3P allows 128 + 2.
-    text_len = max_text_len or (130 if cfg.visual == "m3p" else 72)
-    return Embedder(model, params, load_lib.load_tokenizer(path), min(text_len, cfg.max_position_embeddings),
-                    max_regions, batch_size, f"converted {meta['family']} checkpoint {path}")
+    # DESIGN §2: 70 wordpieces + 2 specials (OSCAR); M3P allows 128 + 2. Both capped by the
+    # checkpoint's positions (M3P's also count the [CLS] + regions of an image input).
+    positions = cfg.max_position_embeddings - cfg.position_offset
+    text_len = min(max_text_len or (130 if cfg.visual == "m3p" else 72), positions)
+    regions = min(max_regions, positions - 1) if cfg.positions == "sequence" else max_regions
+    return Embedder(model, params, load_lib.load_tokenizer(path), text_len, regions, batch_size,
+                    f"converted {meta['family']} checkpoint {path}")
   if os.path.isfile(os.path.join(path, "config.json")) and any(
       os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "best")):
     return _restore_workdir(path, batch_size)

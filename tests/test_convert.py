@@ -356,7 +356,8 @@ def test_uniter_layout_matches_numpy_reference(tmp_path):
          ids, tmask, regions, rmask)
 
 
-def test_m3p_layout_matches_numpy_reference(tmp_path):
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_m3p_layout_matches_numpy_reference(tmp_path, fmt):
   rng = np.random.default_rng(2)
   v = 30
   shapes = {"embeddings.weight": (v, H), "position_embeddings.weight": (30, H), "layer_norm_emb.weight": (H,),
@@ -374,6 +375,11 @@ def test_m3p_layout_matches_numpy_reference(tmp_path):
   sd = _random_state(shapes, rng)
   # M3P's release is a torch {"model": state} under `module.` names; a safetensors copy of it here.
   _write(str(tmp_path / "src"), {"module." + k: val for k, val in sd.items()}, {"n_heads": HEADS}, vocab=False)
+  if fmt == "pth":  # as released: torch.save({"model": state}) with DataParallel's `module.` names
+    torch = require("torch")
+    os.remove(tmp_path / "src" / "model.safetensors")
+    torch.save({"model": {"module." + k: torch.from_numpy(val) for k, val in sd.items()}},
+               str(tmp_path / "src" / "m3p_under_weights.pth"))
   tok_dir = str(tmp_path / "tok")
   transformers = require("transformers")
   pieces = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
@@ -413,3 +419,13 @@ def test_safetensors_reader_matches_the_library(tmp_path):
     assert ours[k].dtype == v.dtype and ours[k].shape == v.shape
     np.testing.assert_array_equal(ours[k], v)
   assert load.read_state_dict(path)["b"].dtype == np.float32  # floats widen to float32
+
+
+def test_unexpected_backbone_key_is_an_error_and_heads_are_not(tmp_path):
+  rng = np.random.default_rng(4)
+  shapes = {**_bert_shapes("", len(BERT_VOCAB)), "encoder.layer.2.output.dense.weight": (H, MLP),
+            "cls.predictions.bias": (len(BERT_VOCAB),)}
+  _write(str(tmp_path / "src"), _random_state(shapes, rng), _bert_config())
+  with pytest.raises(load.ConvertError, match=r"1 unexpected key\(s\): encoder\.layer\.2\.output\.dense\.weight$"):
+    convert_lib.convert("bert", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
+  assert not os.path.exists(tmp_path / "dst")

@@ -1,5 +1,6 @@
 """Encode CLI and init_from: embeddings equal the model's masked mean, from both checkpoint kinds."""
 
+import functools
 import json
 import os
 import subprocess
@@ -117,7 +118,7 @@ def test_encode_reads_a_trained_workdir(tmp_path):
   tok = datasets.get_tokenizer(config)
   model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
-  state = steps.init_train_state(model, config, tx, jax.random.PRNGKey(5))
+  state = jax.jit(functools.partial(steps.init_train_state, model, config, tx))(jax.random.PRNGKey(5))
   ckpts = checkpoint.Checkpoints(workdir, async_save=False)
   ckpts.save(3, state)
   ckpts.wait()
@@ -146,7 +147,7 @@ def test_init_from_loads_the_encoder_and_keeps_a_fresh_ce_head(converted):
   model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   assert model.cfg.hidden_size == H and model.cls_token_id == VOCAB.index("[CLS]")
   tx = steps.optimizer(config)
-  state = steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
+  state = jax.jit(functools.partial(steps.init_train_state, model, config, tx))(jax.random.PRNGKey(0))
   params = steps.with_pretrained_encoder(state["params"], load.load_encoder_params(converted), config.mode)
   flat_new = dict(jax.tree_util.tree_flatten_with_path(params["encoder"])[0])
   for path, leaf in jax.tree_util.tree_flatten_with_path(load.load_encoder_params(converted))[0]:
