@@ -103,7 +103,9 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
     params, report = load.build_params(spec.cfg, state, spec.entries, optional=spec.optional,
                                        ignored=spec.ignored, fresh=spec.fresh, source=weights, seed=seed)
   except load.ConvertError as e:
-    hint = f" The keys look like a {guess!r} checkpoint: try --family={guess}." if guess and guess != family else ""
+    hint = ""
+    if guess and guess != family:
+      hint = f" The keys look like a {guess!r} checkpoint: try --family={guess}."
     raise load.ConvertError(f"{e}{hint}") from e
   del state
   cfg = spec.cfg
@@ -129,8 +131,8 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   log(f"converted {family} checkpoint {weights} -> {dst} in {time.perf_counter() - t0:.1f}s")
-  log(f"  encoder: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.num_heads} heads, vocab {cfg.vocab_size}, "
-      f"visual={cfg.visual}, order={cfg.order}; tokenizer: {tok_note}")
+  log(f"  encoder: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.num_heads} heads, "
+      f"vocab {cfg.vocab_size}, visual={cfg.visual}, order={cfg.order}; tokenizer: {tok_note}")
   log(f"  loaded {report['loaded']} tensors; ignored heads: {report['ignored'] or 'none'}")
   if report["fresh"]:
     log(f"  freshly initialised (not in the checkpoint): {', '.join(report['fresh'])}")

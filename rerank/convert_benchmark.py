@@ -26,9 +26,11 @@ _BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attent
 def _state(family: str) -> dict:
   rng = np.random.default_rng(0)
   h, m, p = 768, 3072, "bert."
-  shapes = {p + "embeddings.word_embeddings.weight": (30522, h), p + "embeddings.position_embeddings.weight": (512, h),
+  shapes = {p + "embeddings.word_embeddings.weight": (30522, h),
+            p + "embeddings.position_embeddings.weight": (512, h),
             p + "embeddings.token_type_embeddings.weight": (2, h), p + "embeddings.LayerNorm.weight": (h,),
-            p + "embeddings.LayerNorm.bias": (h,), p + "pooler.dense.weight": (h, h), p + "pooler.dense.bias": (h,)}
+            p + "embeddings.LayerNorm.bias": (h,), p + "pooler.dense.weight": (h, h),
+            p + "pooler.dense.bias": (h,)}
   for i in range(12):
     k = f"{p}encoder.layer.{i}."
     for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
@@ -49,7 +51,8 @@ def _write(root: str, family: str, fmt: str) -> tuple[str, int]:
   with open(os.path.join(src, "config.json"), "w") as f:
     json.dump(config, f)
   with open(os.path.join(src, "vocab.txt"), "w") as f:
-    f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30517)]) + "\n")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    f.write("\n".join(specials + [f"w{i}" for i in range(30517)]) + "\n")
   if fmt == "safetensors":
     from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
     path = os.path.join(src, "model.safetensors")

@@ -87,7 +87,8 @@ def _restore_workdir(path: str, batch_size: int):
   cls_id = tokenizer.token_to_id("[CLS]")
   model = steps.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
   tx = steps.optimizer(config)
-  abstract = jax.eval_shape(functools.partial(steps.init_train_state, model, config, tx), jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(functools.partial(steps.init_train_state, model, config, tx),
+                            jax.random.PRNGKey(0))
   ckpts = checkpoint.Checkpoints(path, keep=config.keep_checkpoints, async_save=False)
   try:
     params, which = ckpts.restore_params(abstract, prefer_best=True)

@@ -36,7 +36,8 @@ class Spec:
 
 
 def _linear(path, key, n_in=1):
-  return [Entry(path + ("kernel",), key + ".weight", "weight", n_in), Entry(path + ("bias",), key + ".bias", "bias")]
+  return [Entry(path + ("kernel",), key + ".weight", "weight", n_in),
+          Entry(path + ("bias",), key + ".bias", "bias")]
 
 
 def _norm(path, key):
@@ -177,7 +178,8 @@ def m3p_spec(config: dict, state: dict, source: str):
     raise ConvertError(f"{source}: not an M3P (XLM-style) state dict: no embeddings.weight / "
                        "attentions.0.q_lin.weight")
   vocab, hidden = state["embeddings.weight"].shape
-  layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"attentions\.(\d+)\.q_lin\.weight$", k)))
+  layer_ids = [re.match(r"attentions\.(\d+)\.q_lin\.weight$", k) for k in state]
+  layers = 1 + max(int(m.group(1)) for m in layer_ids if m)
   heads = int(config.get("n_heads", config.get("num_attention_heads", hidden // 64)))
   notes = [] if ("n_heads" in config or "num_attention_heads" in config) else [
       f"no n_heads in config: assumed {heads} (head size 64, as M3P-base)"]
@@ -190,7 +192,8 @@ def m3p_spec(config: dict, state: dict, source: str):
                   attention_dropout_rate=config.get("attention_dropout", 0.1), visual="m3p",
                   order="image_first", positions="sequence", feature_dim=2048, box_dim=6)
   e, i = ("embeddings",), ("img_embeddings",)
-  entries = (_embed(e + ("word_embeddings",), "embeddings") + _embed(e + ("position_embeddings",), "position_embeddings")
+  entries = (_embed(e + ("word_embeddings",), "embeddings")
+             + _embed(e + ("position_embeddings",), "position_embeddings")
              + _norm(e + ("LayerNorm",), "layer_norm_emb")
              + _linear(i + ("img_embedding",), "image_embeddings.image_embeddings")
              + _linear(i + ("loc_embedding",), "image_embeddings.image_location_embeddings")

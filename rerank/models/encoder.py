@@ -246,7 +246,8 @@ class Encoder(nn.Module):
     layer_cls = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
-    # The pooler reads position 0, which is [CLS] in every layout we build.
+    # The pooler reads position 0: [CLS] when text comes first, the first region in M3P's
+    # image-first layout (as M3P's own pooled output).
     pooled = jnp.tanh(_dense(cfg.hidden_size, ("embed", "mlp"), cfg, "pooler")(x[:, 0]))
     return x, mask, pooled
 

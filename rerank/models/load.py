@@ -17,6 +17,7 @@ import glob
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,7 +155,6 @@ def expected_shapes(cfg: encoder_lib.EncoderConfig) -> dict[tuple[str, ...], tup
   args = (jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), bool),
           jnp.zeros((b, r, cfg.feature_dim + cfg.box_dim), jnp.float32), jnp.ones((b, r), bool))
   tree = jax.eval_shape(lambda k: encoder_lib.Encoder(cfg).init(k, *args), jax.random.PRNGKey(0))
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   flat = jax.tree_util.tree_flatten_with_path(nn.unbox(tree["params"]))[0]
   return {tuple(p.key for p in path): tuple(leaf.shape) for path, leaf in flat}
 
@@ -174,7 +174,7 @@ def _convert(entry: Entry, value: np.ndarray, shape) -> np.ndarray:
 
 
 def _fresh(path: tuple[str, ...], shape, rng: np.random.Generator) -> np.ndarray:
-  """BERT's init for a parameter the checkpoint does not have: N(0, 0.02) truncated at 2 std."""
+  """BERT's init for a parameter the checkpoint does not have: N(0, 0.02) clipped at 2 std."""
   if path[-1] == "bias":
     return np.zeros(shape, np.float32)
   if path[-1] == "scale":
