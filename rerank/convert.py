@@ -1,6 +1,7 @@
 r"""Converts a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER) for our encoder.
 
   python -m rerank.convert --family={bert,oscar,m3p,uniter} --src=DIR --dst=DIR [--tokenizer=DIR]
+      [--model_config=FILE] [--lower_case=auto|true|false]
 
 Writes DST/model.json (family, encoder config, special token ids, what was loaded, ignored
 or freshly initialised), DST/params (orbax) and DST/tokenizer. Training starts from it with
@@ -26,6 +27,9 @@ _DST = flags.DEFINE_string("dst", None, "Output directory (must not exist yet)."
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "Directory with the tokenizer files when --src has none (M3P: an "
     "xlm-roberta-base directory; UNITER: a bert-base-cased one). Default: --src.")
+_MODEL_CONFIG = flags.DEFINE_string(
+    "model_config", None, "The checkpoint's JSON config when it is not --src/config.json (UNITER: "
+    "config/uniter-base.json from its repository).")
 _LOWER_CASE = flags.DEFINE_enum(
     "lower_case", "auto", ["auto", "true", "false"], "WordPiece lower-casing. auto: the "
     "tokenizer_config.json's do_lower_case, else inferred from the vocabulary (cased vocabularies "
@@ -84,7 +88,7 @@ def _read_vocab(path: str) -> dict:
 
 
 def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, lower_case: str = "auto",
-            seed: int = 0, log=print) -> dict:
+            seed: int = 0, model_config: str | None = None, log=print) -> dict:
   """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
   if family not in families.FAMILIES:
     raise load.ConvertError(f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
@@ -93,7 +97,7 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   weights = load.find_weights(src)
-  config, config_path = families.read_config(src_dir, family)
+  config, config_path = families.read_config(src_dir, family, model_config)
   tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
 
   state = load.normalise_keys(load.read_state_dict(weights))
@@ -149,7 +153,8 @@ def main(argv):
     if not flag.value:
       cli.fail(f"--{flag.name} is required")
   try:
-    convert(_FAMILY.value, _SRC.value, _DST.value, _TOKENIZER.value, _LOWER_CASE.value, _SEED.value)
+    convert(_FAMILY.value, _SRC.value, _DST.value, _TOKENIZER.value, _LOWER_CASE.value, _SEED.value,
+            _MODEL_CONFIG.value)
   except load.ConvertError as e:
     cli.fail(str(e))
   except OSError as e:

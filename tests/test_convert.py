@@ -338,8 +338,15 @@ def test_uniter_layout_matches_numpy_reference(tmp_path):
   for n in ("img_layer_norm", "pos_layer_norm", "LayerNorm"):
     shapes.update({f"{p}img_embeddings.{n}.weight": (H,), f"{p}img_embeddings.{n}.bias": (H,)})
   sd = _random_state(shapes, rng)
-  _write(str(tmp_path / "src"), sd, _bert_config())
-  meta = convert_lib.convert("uniter", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
+  # As released: the .pt alone; its JSON config and a cased BERT tokenizer live elsewhere.
+  _write(str(tmp_path / "src"), sd, vocab=False)
+  (tmp_path / "uniter-base.json").write_text(json.dumps(_bert_config()))
+  (tmp_path / "tok").mkdir()
+  (tmp_path / "tok" / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+  (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+  meta = convert_lib.convert("uniter", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None,
+                             tokenizer_dir=str(tmp_path / "tok"), model_config=str(tmp_path / "uniter-base.json"))
+  assert "do_lower_case=False" in meta["tokenizer"]
   assert set(meta["report"]["ignored"]) == {"itm_output.weight", "itm_output.bias", "img_embeddings.mask_embedding"}
   ids, tmask, regions, rmask = _inputs(rng)
   s = {k[len(p):] if k.startswith(p) else k: v.astype(np.float64) for k, v in sd.items()}

@@ -230,13 +230,16 @@ def guess_family(state: dict) -> str | None:
   return None
 
 
-def read_config(src_dir: str, family: str) -> tuple[dict, str]:
-  """(config dict, its path) of a checkpoint directory; M3P may have none."""
-  path = os.path.join(src_dir, "config.json")
+def read_config(src_dir: str, family: str, path: str | None = None) -> tuple[dict, str]:
+  """(config dict, its path): `path`, else the directory's config.json; M3P may have none."""
+  if path and not os.path.isfile(path):
+    raise ConvertError(f"--model_config {path!r}: no such file")
+  path = path or os.path.join(src_dir, "config.json")
   if not os.path.isfile(path):
     if family == "m3p":
       return {}, "(no config.json)"
-    raise ConvertError(f"{src_dir}: no config.json (the {family} family reads its sizes from it)")
+    raise ConvertError(f"{src_dir}: no config.json (the {family} family reads its sizes from it; "
+                       "or pass --model_config=FILE)")
   try:
     with open(path) as f:
       config = json.load(f)
