@@ -96,11 +96,15 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
     raise load.ConvertError(f"--dst {dst!r} already exists; remove it or choose another directory")
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-  weights = load.find_weights(src)
+  files = load.find_weights(src)
+  weights = files[0] if len(files) == 1 else f"{src_dir} ({len(files)} shards)"
   config, config_path = families.read_config(src_dir, family, model_config)
   tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
 
-  state = load.normalise_keys(load.read_state_dict(weights))
+  state = {}
+  for path in files:
+    state.update(load.read_state_dict(path))
+  state = load.normalise_keys(state)
   guess = families.guess_family(state)
   try:
     state, spec, prefix = families.SPECS[family](config, state, config_path)
@@ -116,7 +120,7 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
   if len(tokenizer) > cfg.vocab_size:
     raise load.ConvertError(f"tokenizer ({tok_note}) has {len(tokenizer)} tokens but the checkpoint's "
                             f"word embedding has {cfg.vocab_size} rows; pass the matching --tokenizer")
-  meta = {"family": family, "source": os.path.abspath(weights), "key_prefix": prefix,
+  meta = {"family": family, "source": [os.path.abspath(f) for f in files], "key_prefix": prefix,
           "encoder": dataclasses.asdict(cfg), "vocab_size": cfg.vocab_size,
           "cls_token": tokenizer.cls_token, "cls_token_id": tokenizer.cls_token_id,
           "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,

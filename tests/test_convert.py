@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
@@ -436,3 +437,31 @@ def test_unexpected_backbone_key_is_an_error_and_heads_are_not(tmp_path):
   with pytest.raises(load.ConvertError, match=r"1 unexpected key\(s\): encoder\.layer\.2\.output\.dense\.weight$"):
     convert_lib.convert("bert", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
   assert not os.path.exists(tmp_path / "dst")
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+  rng = np.random.default_rng(5)
+  state = _random_state(_bert_shapes("", len(BERT_VOCAB)), rng)
+  _write(str(tmp_path / "one"), state, _bert_config())
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  keys = sorted(state)
+  weight_map = {}
+  for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+    name = f"model-{i + 1:05d}-of-00002.safetensors"
+    st_numpy.save_file({k: state[k] for k in part}, str(sharded / name))
+    weight_map.update({k: name for k in part})
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  (sharded / "config.json").write_text(json.dumps(_bert_config()))
+  (sharded / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
+  for name in ("one", "sharded"):
+    convert_lib.convert("bert", str(tmp_path / name), str(tmp_path / f"{name}_dst"), log=lambda *_: None)
+  a = load.load_encoder_params(str(tmp_path / "one_dst"))
+  b = load.load_encoder_params(str(tmp_path / "sharded_dst"))
+  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
+  assert len(flat_a) == len(flat_b) == 5 + LAYERS * 16 + 2 + 2  # embeddings, layers, pooler, regions
+  for (path, x), (path_b, y) in zip(flat_a, flat_b):
+    assert path == path_b
+    np.testing.assert_array_equal(x, y, err_msg=str(path))
+  assert len(load.read_meta(str(tmp_path / "sharded_dst"))["source"]) == 2
+

@@ -33,16 +33,32 @@ class ConvertError(ValueError):
 _WEIGHT_PATTERNS = ("model.safetensors", "*.safetensors", "pytorch_model.bin", "*.bin", "*.pth", "*.pt")
 
 
-def find_weights(src: str) -> str:
-  """The weights file of a checkpoint directory (or `src` itself when it is a file)."""
+def find_weights(src: str) -> list[str]:
+  """The weights file(s) of a checkpoint directory (or `src` itself when it is a file).
+
+  Sharded checkpoints (`*.index.json` with a weight_map, as save_pretrained writes them for
+  large models) give all their shards.
+  """
   if os.path.isfile(src):
-    return src
+    return [src]
   if not os.path.isdir(src):
     raise ConvertError(f"--src {src!r}: no such file or directory")
+  for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    path = os.path.join(src, index)
+    if os.path.isfile(path):
+      try:
+        with open(path) as f:
+          shards = sorted(set(json.load(f)["weight_map"].values()))
+      except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ConvertError(f"{path}: expected a JSON object with a weight_map ({e})") from e
+      missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
+      if missing:
+        raise ConvertError(f"{path}: shard(s) {', '.join(missing)} not found in {src}")
+      return [os.path.join(src, s) for s in shards]
   for pattern in _WEIGHT_PATTERNS:
     found = sorted(glob.glob(os.path.join(src, pattern)))
     if found:
-      return found[0]
+      return found[:1]
   raise ConvertError(f"--src {src!r}: no weights file found (looked for {', '.join(_WEIGHT_PATTERNS)})")
 
 
