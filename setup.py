@@ -33,8 +33,9 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.87"],
-        # A plain `torch` pulls a multi-GB CUDA build on most machines; keep it opt-in. Needed
-        # only to read PyTorch .bin/.pth checkpoints (weights_only=True) and for the parity tests.
+        # Reads coco_oscar .pt files (rerank.data.prepare) and PyTorch .bin/.pth checkpoints
+        # (rerank.convert, weights_only=True); the parity tests need it. A plain `torch` pulls a
+        # multi-GB CUDA build on most machines; keep it opt-in.
         "torch": ["torch>=2.3"],
     },
 )

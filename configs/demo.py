@@ -22,9 +22,14 @@ def get_config(arg=None):
   c.mode = arg.mode
 
   c.dataset = dict(name="synthetic_scenes", seed=0, family_size=4, noise_std=1.0,
-                   num_train_images=0, num_dev_images=200, num_test_images=0)  # 0 = full split
+                   min_objects=2, max_objects=4,
+                   num_train_images=0, num_dev_images=200, num_test_images=0,  # 0 = full split
+                   # A prepared TFDS dataset (python -m rerank.data.prepare) instead of the
+                   # generated one; tokenizer: vocab.txt / tokenizer.json for real captions;
+                   # language: keep only captions in it (Multi30k). Empty = unused.
+                   data_dir="", tokenizer="", language="")
   c.max_text_len = 40
-  c.max_regions = 4
+  c.max_regions = 4  # == dataset.max_objects
 
   c.model = config_utils.model_config(arg.size)
   c.init_from = ""  # a converted checkpoint directory to start from (later issue)
@@ -38,10 +43,16 @@ def get_config(arg=None):
   c.clip_norm = 1.0
   # From random init, VSE++'s hardest negative collapses (loss stuck at 2 * margin, seen here);
   # the paper's VSE++ starts from pretrained weights. InfoNCE trains from scratch.
-  c.loss = dict(be="infonce", margin=0.1, temperature=0.05, ce_weight=1.0)
+  # CE loss: "pairwise" = the authors' 2-class loss on (1 positive, 1 negative) per caption;
+  # "listwise" = softmax over a group: the caption's image, `confusers` of its known confusers
+  # and random other images, `size` in all, for the first `captions` captions of each step.
+  c.loss = dict(be="infonce", margin=0.1, temperature=0.05, ce_weight=1.0, ce="pairwise",
+                ce_group=dict(captions=16, size=8, confusers=3))
   # ANCE-style: every `every` steps from `start`, the current BE mines its `top` neighbours
   # of each upcoming caption; the CE takes one as its negative with probability `ce_prob`.
-  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0)
+  # `confuser_prob`: else the CE negative is one of the dataset's known confusers of the
+  # caption's image (synthetic_scenes: its family siblings, of which every caption is false).
+  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0, confuser_prob=0.0)
 
   c.log_every = 50
   c.checkpoint_every = 500

@@ -131,11 +131,17 @@ def _row(model_name, method, k, t2i_hits, i2t_hits, seconds, queries):
 
 
 def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_name: str | None = None,
-             methods=("BE", "CE", "RR"), log=print) -> list[dict]:
-  """Rows of results for every method in `methods` that `mode` supports (module docstring)."""
+             methods=("BE", "CE", "RR"), log=print, query_texts=None, query_images=None) -> list[dict]:
+  """Rows of results for every method in `methods` that `mode` supports (module docstring).
+
+  `query_texts` / `query_images` (rows; default all) restrict the queries while the whole of
+  `data` stays the corpus: enlarged test sets (`rerank.data.eval_sets.enlarge`).
+  """
   model_name = model_name or {"be": "be", "ce": "ce", "separate": "separate"}.get(mode, "joint")
   rel = _relevance(data)  # [T, N]
   t_all, i_all = np.arange(data.num_texts), np.arange(data.num_images)
+  q_txt = t_all if query_texts is None else np.asarray(query_texts, np.int64)
+  q_img = i_all if query_images is None else np.asarray(query_images, np.int64)
   k = eval_cfg.k
   rows = []
   want_be = retrieval.has_be(mode) and ("BE" in methods or "RR" in methods)
@@ -149,15 +155,16 @@ def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_nam
     # Both corpora are encoded once here; each is query-time work for the other direction,
     # so the whole cost is spread over all queries of both directions.
     be_seconds = time.perf_counter() - t0
-    be_queries = {"t2i": data.num_texts, "i2t": data.num_images}
+    be_queries = {"t2i": len(q_txt), "i2t": len(q_img)}
     if "BE" in methods:
-      rows.append(_row(model_name, "BE", None, metrics.first_hit_ranks(be_t2i, rel),
-                       metrics.first_hit_ranks(be_i2t, rel.T), be_seconds, be_queries))
+      rows.append(_row(model_name, "BE", None, metrics.first_hit_ranks(be_t2i[q_txt], rel[q_txt]),
+                       metrics.first_hit_ranks(be_i2t[q_img], rel.T[q_img]), be_seconds,
+                       be_queries))
       log(f"BE: {data.num_texts} texts, {data.num_images} images in {be_seconds:.1f}s "
           f"(images {t1 - t0:.1f}s)")
   if retrieval.has_ce(mode) and "CE" in methods:
-    qt = _sample(data.num_texts, eval_cfg.ce_queries_t2i, seed)
-    qi = _sample(data.num_images, eval_cfg.ce_queries_i2t, seed + 1)
+    qt = q_txt[_sample(len(q_txt), eval_cfg.ce_queries_t2i, seed)]
+    qi = q_img[_sample(len(q_img), eval_cfg.ce_queries_i2t, seed + 1)]
     t0 = time.perf_counter()
     s_t2i = scorer.pairs(data, np.repeat(qt, data.num_images), np.tile(i_all, len(qt)), "CE t2i")
     s_i2t = scorer.pairs(data, np.tile(t_all, len(qi)), np.repeat(qi, data.num_texts), "CE i2t")
@@ -169,8 +176,8 @@ def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_nam
                      {"t2i": len(qt), "i2t": len(qi)}))
     log(f"CE: {len(qt)} text and {len(qi)} image queries against the full corpus in {ce_seconds:.1f}s")
   if want_be and retrieval.has_ce(mode) and "RR" in methods:
-    qt = _sample(data.num_texts, eval_cfg.rr_queries_t2i, seed + 2)
-    qi = _sample(data.num_images, eval_cfg.rr_queries_i2t, seed + 3)
+    qt = q_txt[_sample(len(q_txt), eval_cfg.rr_queries_t2i, seed + 2)]
+    qi = q_img[_sample(len(q_img), eval_cfg.rr_queries_i2t, seed + 3)]
     t0 = time.perf_counter()
     s_t2i = scorer.pairs(data, np.repeat(qt, k), be_t2i[qt, :k].reshape(-1), "RR t2i")
     s_i2t = scorer.pairs(data, be_i2t[qi, :k].reshape(-1), np.repeat(qi, k), "RR i2t")
@@ -189,7 +196,8 @@ def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_nam
 def results_markdown(results: dict) -> str:
   """The paper-style table: one line per (model, method), recalls in percent."""
   head = (f"{results['dataset']} / {results['split']}: {results['num_images']} images, "
-          f"{results['num_texts']} texts\n\n")
+          f"{results['num_texts']} texts"
+          + (f" ({results['protocol']})" if results.get("protocol") else "") + "\n\n")
   lines = ["| model | method | k | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | mR | RSUM "
            "| s/query | queries (t2i/i2t) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -245,14 +253,13 @@ def main(argv):
              f"model={config.model.hidden_size}x{config.model.num_layers}): {e}")
   finally:
     ckpts.close()
-  ds = config.dataset
-  data, _ = datasets.load_split(config, config.eval.split, tokenizer, ds.num_test_images or None)
-  print(f"evaluating {which} parameters on {config.eval.split}: {data.num_images} images, "
-        f"{data.num_texts} texts")
+  from rerank.data import eval_sets  # noqa: PLC0415
+  print(f"evaluating {which} parameters")
   scorer = Scorer(model, config.mode, config.eval.batch_size, params)
-  rows = evaluate(scorer, data, config.mode, config.eval, seed=config.seed)
-  results = {"dataset": ds.name, "split": config.eval.split, "num_images": data.num_images,
-             "num_texts": data.num_texts, "checkpoint": which, "rows": rows}
+  # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
+  results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split, evaluate,
+                              scorer, num_images=config.dataset.num_test_images or None)
+  results["checkpoint"] = which
   print("\n" + write_results(workdir, results))
 
 

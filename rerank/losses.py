@@ -115,6 +115,12 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(losses)
 
 
+def listwise_loss(scores: jax.Array) -> jax.Array:
+  """Softmax cross-entropy over groups whose first candidate is the positive: [B, G] -> scalar."""
+  logp = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+  return -jnp.mean(logp[:, 0])
+
+
 def pair_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of pairs whose argmax class equals the label; a training-time sanity metric.
 

@@ -144,11 +144,19 @@ def be_loss(model, config, params, batch, rng):
   return loss, {"be_loss": loss}
 
 
-def ce_loss(model, params, batch, rng):
-  """Cross-encoder 2-class loss on a pair batch; returns (loss, metrics)."""
+def ce_loss(model, params, batch, rng, group: int = 0):
+  """Cross-encoder loss; returns (loss, metrics).
+
+  group=0: the authors' 2-class loss on labelled pairs. group=G: pairs come in groups of G with
+  the positive first (`batches.ce_group_batch`); softmax over each group's match logits.
+  """
   logits = model.apply({"params": params}, batch["token_ids"], batch["text_mask"], batch["regions"],
                        batch["region_mask"], False, method=model.score_pairs,
-                       rngs={"dropout": rng})  # [2B, 2]
+                       rngs={"dropout": rng})  # [P, 2]
+  if group:
+    match = logits[:, 1].reshape(-1, group)  # [B, G]
+    loss = losses.listwise_loss(match)
+    return loss, {"ce_loss": loss, "ce_acc": jnp.mean(jnp.argmax(match, -1) == 0)}
   loss = losses.cross_entropy_loss(logits, batch["labels"])
   return loss, {"ce_loss": loss, "ce_acc": losses.pair_accuracy(logits, batch["labels"])}
 
@@ -166,7 +174,8 @@ def train_step(model, config, tx, state, batch):
   rng, r_be, r_ce = jax.random.split(state["rng"], 3)
   params, opt = state["params"], dict(state["opt_state"])
   be_fn = lambda p: be_loss(model, config, p, batch["be"], r_be)  # noqa: E731
-  ce_fn = lambda p: ce_loss(model, p, batch["ce"], r_ce)  # noqa: E731
+  group = config.loss.ce_group.size if config.loss.ce == "listwise" else 0
+  ce_fn = lambda p: ce_loss(model, p, batch["ce"], r_ce, group)  # noqa: E731
   metrics = {}
   if mode == "be":
     params, opt["main"], loss, metrics = _update(tx, be_fn, params, opt["main"], "")

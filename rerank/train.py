@@ -46,6 +46,8 @@ def main(argv):
     cli.fail(f"config.hard_negatives needs a BE and a CE (a joint or separate mode); "
              f"found mode={config.mode!r}")
 
+  if config.loss.ce not in ("pairwise", "listwise"):
+    cli.fail(f"config.loss.ce: expected 'pairwise' or 'listwise'; found {config.loss.ce!r}")
   workdir = cli.make_workdir(_WORKDIR.value)
   is_main = jax.process_index() == 0
   log = print if is_main else (lambda *a, **k: None)
@@ -118,6 +120,7 @@ def main(argv):
   writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main)
   total = config.total_steps
   mined = None
+  ce_group = dict(config.loss.ce_group) if config.loss.ce == "listwise" else None
   t_last, s_last = time.perf_counter(), start
   for step in range(start + 1, total + 1):
     if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0 or mined is None):
@@ -129,7 +132,7 @@ def main(argv):
       log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
           f"({time.perf_counter() - t0:.1f}s)")
     batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
-                                mined, hn.ce_prob)
+                                mined, hn.ce_prob, hn.confuser_prob, ce_group)
     state, step_metrics = train_step(state, batch)
     is_log = step % config.log_every == 0 or step == total
     is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)

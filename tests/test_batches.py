@@ -86,3 +86,42 @@ def test_inconsistent_data_and_single_image_are_errors():
   one = _data(num_images=1)
   with pytest.raises(ValueError, match="two distinct images"):
     batches.train_batch(one, "ce", 2, 0, 0)
+
+
+def _with_confusers(data, k=2):
+  n = data.num_images
+  confusers = (np.arange(n)[:, None] + np.arange(1, k + 1)) % n  # rows i+1 .. i+k
+  return batches.RetrievalData(data.token_ids, data.text_mask, data.caption_image, data.image_ids,
+                               data.region_features, confusers=confusers)
+
+
+def test_ce_negatives_from_confusers_when_asked():
+  data = _with_confusers(_data())
+  rows = np.arange(30)
+  batch = batches.ce_batch(data, rows, np.random.default_rng(0), confuser_prob=1.0)
+  neg_img = batch["regions"][30:, 0, 0].astype(int)  # the fake features hold the image row
+  own = data.caption_image[rows]
+  for o, n in zip(own, neg_img):
+    assert n in data.confusers[o]
+  np.testing.assert_array_equal(batch["token_ids"][30:], data.token_ids[rows])
+  with pytest.raises(ValueError, match="known confusers"):
+    batches.ce_batch(_data(), rows, np.random.default_rng(0), confuser_prob=0.5)
+
+
+def test_ce_group_batch_positive_first_then_confusers_then_random_others():
+  data = _with_confusers(_data(), k=2)
+  rows = np.array([0, 5, 17, 35])
+  g = 5
+  batch = batches.ce_group_batch(data, rows, np.random.default_rng(1), group=g, num_confusers=2)
+  cand = batch["regions"][:, 0, 0].astype(int).reshape(len(rows), g)  # [B, G] image rows
+  np.testing.assert_array_equal(batch["token_ids"][:, 0].reshape(len(rows), g),
+                                np.repeat(data.token_ids[rows, 0][:, None], g, 1))
+  for b, r in enumerate(rows):
+    own = data.caption_image[r]
+    assert cand[b, 0] == own
+    assert sorted(cand[b, 1:3]) == sorted(data.confusers[own])
+    assert all(c != own for c in cand[b, 3:])
+  with pytest.raises(ValueError, match="the dataset has 2"):
+    batches.ce_group_batch(data, rows, np.random.default_rng(1), group=g, num_confusers=3)
+  with pytest.raises(ValueError, match="group=1"):
+    batches.ce_group_batch(data, rows, np.random.default_rng(1), group=1)

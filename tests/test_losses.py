@@ -180,3 +180,13 @@ def test_jit_matches_eager():
 def test_registry():
   assert losses.BE_LOSSES == {"vsepp": losses.vsepp_triplet_loss,
                               "infonce": losses.infonce_loss}
+
+
+def test_listwise_loss_matches_numpy_softmax_reference():
+  scores = np.random.default_rng(3).normal(size=(6, 5)).astype(np.float32)
+  ref = -np.mean([s[0] - np.log(np.exp(s).sum()) for s in scores.astype(np.float64)])
+  np.testing.assert_allclose(float(losses.listwise_loss(jnp.asarray(scores))), ref, rtol=1e-5)
+  # the loss falls as the positive (column 0) gains on the others
+  better = scores.copy()
+  better[:, 0] += 1.0
+  assert float(losses.listwise_loss(jnp.asarray(better))) < float(losses.listwise_loss(scores))

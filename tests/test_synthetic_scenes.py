@@ -204,7 +204,7 @@ def test_unknown_split_and_bad_arguments():
   with pytest.raises(ValueError, match="train, dev, test"):
     ss.generate("val")
   with pytest.raises(ValueError):
-    ss.generate("test", num_images=8, max_objects=5)
+    ss.generate("test", num_images=8, max_objects=10)
 
 
 def test_region_features_is_fast():

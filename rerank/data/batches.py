@@ -8,6 +8,8 @@ computed from (seed, s) alone, so resuming mid-epoch needs nothing but the step 
 - CE batch: for each caption 1 positive pair (caption, its image) and 1 negative pair: with
   p=0.5 a random other image, else a random caption of another image paired with this
   caption's image (as the authors' code). Pairs are laid out [positives; negatives] -> 2B.
+  Options: a BE-mined image (`mined`, `hard_prob`) or one of the dataset's known confusers
+  of the caption's image (`confuser_prob`) replaces the negative.
 """
 
 import dataclasses
@@ -26,6 +28,9 @@ class RetrievalData:
   image_ids: np.ndarray       # [N] int64
   # rows [B] -> (regions [B, R, F+box] float32, region_mask [B, R] bool)
   region_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  # [N, K] image rows known NOT to match any caption of the row's image (synthetic_scenes: the
+  # family siblings), or None. Safe hard negatives: unlike mined ones they are never false.
+  confusers: np.ndarray | None = None
 
   def __post_init__(self):
     t = len(self.caption_image)
@@ -35,6 +40,11 @@ class RetrievalData:
     if t and not 0 <= self.caption_image.min() <= self.caption_image.max() < len(self.image_ids):
       raise ValueError(f"RetrievalData: caption_image must index the {len(self.image_ids)} images; "
                        f"found values in [{self.caption_image.min()}, {self.caption_image.max()}]")
+
+    if self.confusers is not None and (self.confusers.ndim != 2
+                                       or self.confusers.shape[0] != len(self.image_ids)):
+      raise ValueError(f"RetrievalData: confusers must be [num_images={len(self.image_ids)}, K]; "
+                       f"found shape {self.confusers.shape}")
 
   @property
   def num_texts(self) -> int:
@@ -71,11 +81,13 @@ def be_batch(data: RetrievalData, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
-             mined: dict | None = None, hard_prob: float = 0.0) -> dict[str, np.ndarray]:
+             mined: dict | None = None, hard_prob: float = 0.0,
+             confuser_prob: float = 0.0) -> dict[str, np.ndarray]:
   """2B pairs: [positives; negatives] with labels [1]*B + [0]*B.
 
   With `mined` (caption row -> [K] image rows of hard negatives, see `rerank.mining`), each
-  caption takes one of its mined images as the negative with probability `hard_prob`.
+  caption takes one of its mined images as the negative with probability `hard_prob`; else,
+  with probability `confuser_prob`, one of its image's `data.confusers`.
   """
   b = len(rows)
   if data.num_images < 2 or (data.image_ids == data.image_ids[0]).all():
@@ -85,10 +97,16 @@ def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
   neg_txt = rows.copy()
   swap_image = rng.random(b) < 0.5
   use_mined = rng.random(b) < hard_prob
+  if confuser_prob and data.confusers is None:
+    raise ValueError("confuser_prob > 0 needs a dataset with known confusers "
+                     "(RetrievalData.confusers is None)")
+  use_confuser = rng.random(b) < confuser_prob
   for i in range(b):
     own = data.image_ids[img_rows[i]]
     if use_mined[i] and mined is not None and int(rows[i]) in mined:
       neg_img[i] = rng.choice(mined[int(rows[i])])
+    elif use_confuser[i] and data.confusers.shape[1]:
+      neg_img[i] = rng.choice(data.confusers[img_rows[i]])
     elif swap_image[i]:
       # A random other image (by id: two rows may share an id in merged corpora).
       while data.image_ids[neg_img[i]] == own:
@@ -104,13 +122,57 @@ def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
           "labels": np.concatenate([np.ones(b, np.int32), np.zeros(b, np.int32)])}
 
 
+def ce_group_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
+                   group: int, num_confusers: int = 0) -> dict[str, np.ndarray]:
+  """B*G pairs for a listwise CE loss: caption b with its image first, then G-1 negative images.
+
+  Negatives: `num_confusers` of the image's known confusers (without replacement), then random
+  other images. Pairs are laid out group by group: [b0 pos, b0 neg..., b1 pos, ...].
+  """
+  b = len(rows)
+  if group < 2:
+    raise ValueError(f"a CE group needs a positive and at least one negative; found group={group}")
+  if num_confusers and (data.confusers is None or data.confusers.shape[1] < num_confusers):
+    have = 0 if data.confusers is None else data.confusers.shape[1]
+    raise ValueError(f"{num_confusers} confusers per CE group asked for; the dataset has {have}")
+  if num_confusers >= group:
+    raise ValueError(f"num_confusers={num_confusers} must be below the group size {group}")
+  if data.num_images < 2 or (data.image_ids == data.image_ids[0]).all():
+    raise ValueError("CE batches need at least two distinct images for negatives")
+  img_rows = data.caption_image[rows]
+  cand = np.empty((b, group), np.int64)  # [B, G] image rows
+  for i in range(b):
+    own = data.image_ids[img_rows[i]]
+    cand[i, 0] = img_rows[i]
+    if num_confusers:
+      cand[i, 1:1 + num_confusers] = rng.choice(data.confusers[img_rows[i]], num_confusers,
+                                                replace=False)
+    for j in range(1 + num_confusers, group):
+      r = img_rows[i]
+      while data.image_ids[r] == own:
+        r = rng.integers(data.num_images)
+      cand[i, j] = r
+  txt = np.repeat(rows, group)
+  regions, region_mask = data.region_features(cand.reshape(-1))
+  return {"token_ids": data.token_ids[txt], "text_mask": data.text_mask[txt],
+          "regions": regions, "region_mask": region_mask}
+
+
 def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int,
-                mined: dict | None = None, hard_prob: float = 0.0) -> dict:
-  """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}."""
+                mined: dict | None = None, hard_prob: float = 0.0,
+                confuser_prob: float = 0.0, ce_group: dict | None = None) -> dict:
+  """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}.
+
+  `ce_group` = dict(captions=, size=, confusers=) switches the CE batch to `ce_group_batch`
+  over the first `captions` captions of the step.
+  """
   rows = caption_rows(data.num_texts, batch_size, seed, step)
   out = {}
   if mode != "ce":
     out["be"] = be_batch(data, rows)
-  if mode != "be":
-    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step), mined, hard_prob)
+  if mode != "be" and ce_group:
+    out["ce"] = ce_group_batch(data, rows[:ce_group["captions"]], _rng(seed, 1, step),
+                               ce_group["size"], ce_group["confusers"])
+  elif mode != "be":
+    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step), mined, hard_prob, confuser_prob)
   return out

@@ -1,13 +1,16 @@
 """Dataset registry: config -> tokenizer and model-ready splits (`batches.RetrievalData`).
 
-Only the built-in `synthetic_scenes` lives here for now; real datasets (COCO, Flickr30k,
-Multi30k, CC) plug in by adding a loader to `LOADERS` with the same return shape.
+With `config.dataset.data_dir` set, the split is read from the TFDS dataset that
+`python -m rerank.data.prepare` wrote there (`rerank.data.prepared`): coco_oscar,
+flickr30k_butd, multi30k, cc_dev, or a prepared synthetic_scenes. Without it,
+synthetic_scenes is generated in memory (no prepare step, as in the demo).
 """
 
 import numpy as np
 import tokenizers
 
 from rerank.data import batches
+from rerank.data import prepared
 from rerank.data import synthetic_scenes
 
 
@@ -30,11 +33,13 @@ def _synthetic_scenes(config, split: str, tokenizer, num_images=None):
   ds = config.dataset
   scenes = synthetic_scenes.generate(
       split, seed=ds.seed, num_images=num_images, family_size=ds.family_size,
-      noise_std=ds.noise_std)
+      noise_std=ds.noise_std, min_objects=ds.get("min_objects", 2),
+      max_objects=ds.get("max_objects", synthetic_scenes.MAX_REGIONS))
   ids, mask = tokenize(tokenizer, scenes.captions, config.max_text_len)
   data = batches.RetrievalData(
       token_ids=ids, text_mask=mask, caption_image=np.asarray(scenes.caption_image, np.int32),
-      image_ids=scenes.image_ids, region_features=scenes.region_features)
+      image_ids=scenes.image_ids, region_features=scenes.region_features,
+      confusers=scenes.siblings())
   return data, scenes.captions
 
 
@@ -47,16 +52,20 @@ def get_tokenizer(config) -> tokenizers.Tokenizer:
   if config.get("init_from"):
     from rerank.models import load  # pylint: disable=import-outside-toplevel
     return load.load_tokenizer(config.init_from)
-  return TOKENIZERS[_name(config)]()
+  if config.dataset.name in TOKENIZERS:
+    return TOKENIZERS[config.dataset.name]()
+  return prepared.bert_tokenizer(config.dataset.get("tokenizer", ""))
 
 
 def load_split(config, split: str, tokenizer, num_images=None):
   """Returns (RetrievalData, captions) of `split`; `num_images` shrinks it (None = full size)."""
-  return LOADERS[_name(config)](config, split, tokenizer, num_images)
-
-
-def _name(config) -> str:
   name = config.dataset.name
+  if config.dataset.get("data_dir"):
+    if name not in prepared.SOURCES:
+      raise ValueError(f"config.dataset.name: expected one of {sorted(prepared.SOURCES)}; "
+                       f"found {name!r}")
+    return prepared.load(config, split, tokenizer, tokenize, num_images)
   if name not in LOADERS:
-    raise ValueError(f"config.dataset.name: expected one of {sorted(LOADERS)}; found {name!r}")
-  return name
+    raise ValueError(f"config.dataset.name: {name!r} is read from a prepared TFDS dataset: set "
+                     f"config.dataset.data_dir (see python -m rerank.data.prepare)")
+  return LOADERS[name](config, split, tokenizer, num_images)

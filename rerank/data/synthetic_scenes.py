@@ -9,7 +9,7 @@ the right pair, which word-region attention can do and a mean over regions canno
 Generative process (deterministic given ``(split, seed)``)
 ------------------------------------------------------------
 1. Objects. Shape (8: cube ... star), colour (8), material (4: metal, rubber, glass, wooden),
-   size (3: small, medium, large). A base scene has ``min_objects..max_objects`` objects with
+   size (3: small, medium, large). A base scene has ``min_objects..max_objects`` (<= 9) objects with
    uniform random attributes (no two identical), each in its own cell of a 3x3 grid over a
    640x480 image, centre jittered by up to 8% of a cell. Box side is 0.40 / 0.60 / 0.78 of the
    cell side for small / medium / large (+-5% per axis): size is visible in the box and boxes
@@ -62,7 +62,8 @@ CAPTIONS_PER_IMAGE = 5
 FEATURE_DIM = 2048
 BOX_DIM = 6
 REGION_DIM = FEATURE_DIM + BOX_DIM  # 2054
-MAX_REGIONS = 4  # == max objects per scene
+MAX_REGIONS = 4  # default max objects per scene (= regions per image)
+GRID_CELLS = 9  # 3x3 grid, one object per cell: the most objects a scene can hold
 IMAGE_W, IMAGE_H = 640, 480
 DETECTOR_SEED = 20220302
 DEFAULT_NOISE_STD = 0.75
@@ -308,9 +309,9 @@ def _combo_index(attrs):  # [..., 4] -> [...], row-major over (shape, colour, ma
                               [len(v) for v in ATTRIBUTES])
 
 
-def _tape_offsets(image_ids, seed):  # splitmix64 of (seed, id, slot) -> [B, MAX_REGIONS]
-  slots = np.arange(MAX_REGIONS, dtype=np.uint64)
-  z = image_ids.astype(np.uint64)[:, None] * np.uint64(MAX_REGIONS) + slots
+def _tape_offsets(image_ids, seed, width):  # splitmix64 of (seed, id, slot) -> [B, width]
+  slots = np.arange(width, dtype=np.uint64)
+  z = image_ids.astype(np.uint64)[:, None] * np.uint64(width) + slots
   z ^= np.uint64((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
   z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
   z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -322,8 +323,8 @@ class Scenes:
   """One generated split; region features are computed on demand by `region_features`."""
   split: str
   image_ids: np.ndarray  # [N] int64, unique across splits
-  attributes: np.ndarray  # [N, MAX_REGIONS, 4] int32 (shape, colour, material, size), -1 padded
-  boxes: np.ndarray  # [N, MAX_REGIONS, 6] float32 normalised, 0 padded
+  attributes: np.ndarray  # [N, R, 4] int32 (shape, colour, material, size), -1 padded
+  boxes: np.ndarray  # [N, R, 6] float32 normalised, 0 padded; R = max_objects
   num_regions: np.ndarray  # [N] int32
   captions: list[str]  # [N * 5]; row i owns 5*i .. 5*i+4
   caption_image: np.ndarray  # [T] int32 image row of each caption
@@ -340,15 +341,26 @@ class Scenes:
   def num_texts(self) -> int:
     return len(self.captions)
 
+  @property
+  def max_regions(self) -> int:
+    return self.attributes.shape[1]
+
+  def siblings(self) -> np.ndarray:
+    """[N, family_size - 1] rows of each image's family siblings: every caption is false of them."""
+    rows = np.arange(self.num_images)
+    family = rows - rows % self.family_size
+    others = (rows[:, None] + np.arange(1, self.family_size)) % self.family_size
+    return (family[:, None] + others).astype(np.int64)
+
   def region_features(self, rows) -> tuple[np.ndarray, np.ndarray]:
-    """([B, MAX_REGIONS, 2054] float32 features incl. box, [B, MAX_REGIONS] bool mask)."""
+    """([B, R, 2054] float32 features incl. box, [B, R] bool mask); R = `max_regions`."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     attrs = self.attributes[rows]  # [B, R, 4]
     _, combined, windows = _detector(self.feature_seed)
-    out = np.empty((rows.size, MAX_REGIONS, REGION_DIM), np.float32)
+    out = np.empty((rows.size, self.max_regions, REGION_DIM), np.float32)
     out[..., :FEATURE_DIM] = combined[_combo_index(attrs)]
     if self.noise_std > 0:
-      noise = windows[_tape_offsets(self.image_ids[rows], self.seed)]  # [B, R, 2048]
+      noise = windows[_tape_offsets(self.image_ids[rows], self.seed, self.max_regions)]  # [B, R, 2048]
       out[..., :FEATURE_DIM] += np.multiply(noise, np.float32(self.noise_std), out=noise)
     out[..., FEATURE_DIM:] = self.boxes[rows]
     mask = attrs[..., 0] >= 0  # [B, R]
@@ -363,29 +375,32 @@ def generate(split: str, *, seed: int = 0, num_images: int | None = None, family
   if split not in SPLIT_SIZES:
     raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLIT_SIZES)}")
   num_images = SPLIT_SIZES[split] if num_images is None else num_images
-  if not 1 <= min_objects <= max_objects <= MAX_REGIONS or family_size < 1 or num_images < 1:
-    raise ValueError("need 1 <= min_objects <= max_objects <= MAX_REGIONS, family_size >= 1 "
-                     "and num_images >= 1")
+  if not 1 <= min_objects <= max_objects <= GRID_CELLS or family_size < 1 or num_images < 1:
+    raise ValueError(f"need 1 <= min_objects <= max_objects <= {GRID_CELLS}, family_size >= 1 "
+                     f"and num_images >= 1; found min_objects={min_objects}, "
+                     f"max_objects={max_objects}, family_size={family_size}, "
+                     f"num_images={num_images}")
   num_families = -(-num_images // family_size)
+  width = max_objects  # regions per image, padded
   n, split_index = num_families * family_size, list(SPLIT_SIZES).index(split)
   rng = np.random.default_rng(np.random.SeedSequence([seed, split_index]))
   py = random.Random(int(rng.integers(2**63)))  # per-call draws in the Python loops are cheaper
   counts = rng.integers(min_objects, max_objects + 1, num_families)
   base_attrs = np.stack(
-      [rng.integers(0, len(v), (num_families, MAX_REGIONS)) for v in ATTRIBUTES], -1)
-  cells = np.argsort(rng.random((num_families, 9)), axis=1)[:, :MAX_REGIONS]  # distinct cells
-  jitter = rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER, (num_families, MAX_REGIONS, 2))
-  extent = rng.uniform(-_EXTENT_JITTER, _EXTENT_JITTER, (num_families, MAX_REGIONS, 2))
+      [rng.integers(0, len(v), (num_families, width)) for v in ATTRIBUTES], -1)
+  cells = np.argsort(rng.random((num_families, 9)), axis=1)[:, :width]  # distinct cells
+  jitter = rng.uniform(-_CENTRE_JITTER, _CENTRE_JITTER, (num_families, width, 2))
+  extent = rng.uniform(-_EXTENT_JITTER, _EXTENT_JITTER, (num_families, width, 2))
 
-  attributes = np.full((n, MAX_REGIONS, 4), -1, np.int32)  # object order for now
-  position = np.zeros((n, MAX_REGIONS), np.int64)  # index into the family's cells and jitters
+  attributes = np.full((n, width, 4), -1, np.int32)  # object order for now
+  position = np.zeros((n, width), np.int64)  # index into the family's cells and jitters
   for f in range(num_families):
     for m, objs in enumerate(_family(py, base_attrs[f, :counts[f]].tolist(), family_size)):
       attributes[f * family_size + m, :len(objs)] = [o[:4] for o in objs]
       position[f * family_size + m, :len(objs)] = [o[4] for o in objs]
   num_regions = np.repeat(counts, family_size).astype(np.int32)
-  valid = np.arange(MAX_REGIONS) < num_regions[:, None]  # [N, R]
-  order = np.argsort(np.where(valid, rng.random((n, MAX_REGIONS)), 2.0), axis=1)  # padding last
+  valid = np.arange(width) < num_regions[:, None]  # [N, R]
+  order = np.argsort(np.where(valid, rng.random((n, width)), 2.0), axis=1)  # padding last
   attributes = np.take_along_axis(attributes, order[..., None], 1)  # detector order
   family = (np.arange(n) // family_size)[:, None]
   position = np.take_along_axis(position, order, 1)

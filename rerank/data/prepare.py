@@ -1,0 +1,110 @@
+r"""Converts an authors' dataset release into a TFDS dataset (array_record, no TensorFlow).
+
+  python -m rerank.data.prepare --dataset=NAME --source_dir=DIR --data_dir=DIR [--dtype=float16]
+      [--features=GLOB] [--splits=a,b] [--skip_bad] [--overwrite]
+
+NAME: coco_oscar, flickr30k_butd, multi30k, cc_dev or synthetic_scenes (source files of
+each: README "Datasets", or the docstring of rerank/data/sources/NAME.py). Writes
+DATA_DIR/NAME/1.0.0 and ends by printing one JSON line:
+  {"dataset": NAME, "splits": {"<split>": {"images": n, "captions": m}, ...}, "skipped": {...},
+   "dtype": ..., "path": ...}
+Bad input (malformed rows, wrong feature widths, NaN/inf, captions without images, images
+without captions, duplicate ids (also one image in two splits), empty captions) stops with the file, line or id and the
+reason; `--skip_bad` drops such items instead and reports their counts under "skipped".
+A failed prepare leaves no dataset directory behind.
+"""
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from rerank import cli
+from rerank.data import tfds_builders
+from rerank.data.sources import SOURCES
+from rerank.data.sources import common
+from rerank.data.sources import flickr30k_butd
+from rerank.data.sources import synthetic
+
+_DATASET = flags.DEFINE_enum("dataset", None, list(SOURCES), "Which release to convert.")
+_SOURCE_DIR = flags.DEFINE_string("source_dir", None, "Directory with the release's files.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory to write NAME/1.0.0 into.")
+_DTYPE = flags.DEFINE_enum("dtype", "float16", list(tfds_builders.DTYPES),
+                           "Storage type of region features (boxes are always float32).")
+_FEATURES = flags.DEFINE_string("features", None, "flickr30k_butd/multi30k: glob of the "
+                                "bottom-up-attention TSV files (default SOURCE_DIR/*.tsv*).")
+_SPLITS = flags.DEFINE_list("splits", None, "Only these splits (default: all of the dataset).")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip bad items and count them instead of "
+                              "stopping at the first.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing prepared dataset.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 0, "synthetic_scenes: images per split "
+                                   "(0 = full size).")
+_SEED = flags.DEFINE_integer("seed", 0, "synthetic_scenes: generator seed.")
+
+
+def split_readers(name: str, source_dir: str, splits, problems: common.Problems,
+                  features: str | None = None, num_images: int = 0, seed: int = 0) -> dict:
+  """{split: zero-argument function yielding that split's `Image`s}; checks files first."""
+  source = SOURCES[name]
+  source.check_files(source_dir, splits)
+  if name == "synthetic_scenes":
+    return {s: (lambda s=s: synthetic.read(s, seed=seed, num_images=num_images or None))
+            for s in splits}
+  if name in ("flickr30k_butd", "multi30k"):
+    index = flickr30k_butd.FeatureIndex(
+        flickr30k_butd.feature_paths(source_dir, features), problems)
+    return {s: (lambda s=s: source.read(source_dir, s, problems, index)) for s in splits}
+  return {s: (lambda s=s: source.read(source_dir, s, problems)) for s in splits}
+
+
+def prepare(name: str, source_dir: str, data_dir: str, dtype: str = "float16", splits=None,
+            skip_bad: bool = False, overwrite: bool = False, features: str | None = None,
+            num_images: int = 0, seed: int = 0) -> dict:
+  """Builds the dataset; returns the summary that the CLI prints. Raises on bad input."""
+  source = SOURCES[name]
+  splits = list(splits or source.SPLITS)
+  unknown = [s for s in splits if s not in source.SPLITS]
+  if unknown:
+    raise ValueError(f"--splits: {name} has splits {list(source.SPLITS)}; found {unknown}")
+  problems = common.Problems(skip=skip_bad)
+  readers = split_readers(name, source_dir, splits, problems, features, num_images, seed)
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is the summary
+    counts = tfds_builders.build(name, readers, data_dir, dtype, problems, overwrite,
+                                 getattr(source, "NESTED", None))
+  return {"dataset": name, "splits": counts, "skipped": dict(sorted(problems.counts.items())),
+          "dtype": dtype, "path": tfds_builders.dataset_dir(data_dir, name)}
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  name = _DATASET.value
+  if name is None:
+    cli.fail(f"--dataset is required: one of {', '.join(SOURCES)}")
+  if not _DATA_DIR.value:
+    cli.fail("--data_dir is required (where NAME/1.0.0 is written)")
+  source_dir = _SOURCE_DIR.value
+  if name != "synthetic_scenes" and (not source_dir or not os.path.isdir(source_dir)):
+    cli.fail(f"--source_dir: expected a directory with the {name} release files; "
+             f"found {source_dir!r}")
+  tfds_builders.quiet()
+  t0 = time.perf_counter()
+  try:
+    summary = prepare(name, source_dir, _DATA_DIR.value, _DTYPE.value, _SPLITS.value,
+                      _SKIP_BAD.value, _OVERWRITE.value, _FEATURES.value, _NUM_IMAGES.value,
+                      _SEED.value)
+  except common.BadInput as e:
+    hint = "" if e.kind == "missing_file" else " (--skip_bad skips such items and counts them)"
+    cli.fail(f"{e}{hint}; nothing was written")
+  except (FileExistsError, RuntimeError, ValueError, OSError) as e:
+    cli.fail(f"{e}; nothing was written")
+  summary["seconds"] = round(time.perf_counter() - t0, 3)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
