@@ -127,7 +127,8 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
           "tokenizer": tok_note, "report": {**report, "notes": spec.notes,
                                             "new_when_training": ["ce_head (2-way CE head)"]}}
   # Build next to dst and rename, so dst never exists half-written.
-  tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp-{os.getpid()}")
+  parent, name = os.path.split(os.path.abspath(dst))
+  tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     os.makedirs(tmp)

@@ -91,7 +91,7 @@ def main(argv):
   # ---------------------------------------------------------------- resume
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
   start = 0
-  if config.init_from and ckpts.latest_step() is None:
+  if config.get("init_from") and ckpts.latest_step() is None:
     state["params"] = jax.device_put(steps.with_pretrained_encoder(
         state["params"], load.load_encoder_params(config.init_from), config.mode), replicated)
     log(f"init_from {config.init_from}: encoder loaded ({load.read_meta(config.init_from)['family']}); "
