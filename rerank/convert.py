@@ -21,21 +21,6 @@ from rerank import cli
 from rerank.models import convert_families as families
 from rerank.models import load
 
-_FAMILY = flags.DEFINE_string("family", None, f"Checkpoint family: one of {', '.join(families.FAMILIES)}.")
-_SRC = flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights) or weights file.")
-_DST = flags.DEFINE_string("dst", None, "Output directory (must not exist yet).")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Directory with the tokenizer files when --src has none (M3P: an "
-    "xlm-roberta-base directory; UNITER: a bert-base-cased one). Default: --src.")
-_MODEL_CONFIG = flags.DEFINE_string(
-    "model_config", None, "The checkpoint's JSON config when it is not --src/config.json (UNITER: "
-    "config/uniter-base.json from its repository).")
-_LOWER_CASE = flags.DEFINE_enum(
-    "lower_case", "auto", ["auto", "true", "false"], "WordPiece lower-casing. auto: the "
-    "tokenizer_config.json's do_lower_case, else inferred from the vocabulary (cased vocabularies "
-    "hold capitalised words).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for parameters the checkpoint does not provide.")
-
 
 def _vocab_is_cased(vocab: dict) -> bool:
   """A cased WordPiece vocabulary holds capitalised words; an uncased one (almost) none."""
@@ -151,20 +136,43 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
   return meta
 
 
-def main(argv):
+def _define_flags() -> dict:
+  """The CLI's flags, defined only when run as a script: importing this module (tests, other
+  CLIs with their own --seed) never clashes."""
+  families_list = ", ".join(families.FAMILIES)
+  return dict(
+      family=flags.DEFINE_string("family", None, f"Checkpoint family: one of {families_list}."),
+      src=flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights) or weights file."),
+      dst=flags.DEFINE_string("dst", None, "Output directory (must not exist yet)."),
+      tokenizer=flags.DEFINE_string(
+          "tokenizer", None, "Directory with the tokenizer files when --src has none (M3P: an "
+          "xlm-roberta-base directory; UNITER: a bert-base-cased one). Default: --src."),
+      model_config=flags.DEFINE_string(
+          "model_config", None, "The checkpoint's JSON config when it is not --src/config.json "
+          "(UNITER: config/uniter-base.json from its repository)."),
+      lower_case=flags.DEFINE_enum(
+          "lower_case", "auto", ["auto", "true", "false"], "WordPiece lower-casing. auto: "
+          "tokenizer_config.json's do_lower_case, else tokenizer.json's normaliser, else inferred "
+          "from the vocabulary (cased vocabularies hold capitalised words)."),
+      seed=flags.DEFINE_integer("seed", 0, "Seed for parameters the checkpoint does not provide."),
+  )
+
+
+def main(argv, f):
   del argv
   cli.quiet_library_logs()
-  for flag in (_FAMILY, _SRC, _DST):
-    if not flag.value:
-      cli.fail(f"--{flag.name} is required")
+  for name in ("family", "src", "dst"):
+    if not f[name].value:
+      cli.fail(f"--{name} is required")
   try:
-    convert(_FAMILY.value, _SRC.value, _DST.value, _TOKENIZER.value, _LOWER_CASE.value, _SEED.value,
-            _MODEL_CONFIG.value)
+    convert(f["family"].value, f["src"].value, f["dst"].value, f["tokenizer"].value,
+            f["lower_case"].value, f["seed"].value, f["model_config"].value)
   except load.ConvertError as e:
     cli.fail(str(e))
   except OSError as e:
-    cli.fail(f"cannot write {_DST.value!r}: {e}")
+    cli.fail(f"cannot write {f['dst'].value!r}: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)

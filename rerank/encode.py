@@ -154,43 +154,47 @@ def _write_npy(path: str, array: np.ndarray) -> None:
       os.remove(tmp)
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory or training workdir.")
-_TEXTS = flags.DEFINE_string("texts", None, "Text file, one text per line.")
-_IMAGES = flags.DEFINE_string("images", None, "Region features: .npz (features [N,R,W], mask) or .npy.")
-_OUT = flags.DEFINE_string("out", None, "Output .npy file: float32 [N, H].")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Inputs per forward pass.")
-_MAX_TEXT_LEN = flags.DEFINE_integer("max_text_len", 0, "Tokens per text incl. specials (0 = the "
-                                     "checkpoint's training setting, or 72 / 130 for M3P).")
-_MAX_REGIONS = flags.DEFINE_integer("max_regions", 50, "Regions per image (the first ones, as stored).")
-_NORMALIZE = flags.DEFINE_bool("normalize", False, "L2-normalise each embedding.")
+def _define_flags() -> dict:
+  """The CLI's flags, defined only when run as a script, so importing this module never clashes."""
+  return dict(
+      checkpoint=flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory or training "
+                                     "workdir."),
+      texts=flags.DEFINE_string("texts", None, "Text file, one text per line."),
+      images=flags.DEFINE_string("images", None, "Region features: .npz (features [N,R,W], mask) or .npy."),
+      out=flags.DEFINE_string("out", None, "Output .npy file: float32 [N, H]."),
+      batch_size=flags.DEFINE_integer("batch_size", 64, "Inputs per forward pass."),
+      max_text_len=flags.DEFINE_integer("max_text_len", 0, "Tokens per text incl. specials (0 = the "
+                                        "checkpoint's training setting, or 72 / 130 for M3P)."),
+      max_regions=flags.DEFINE_integer("max_regions", 50, "Regions per image (the first ones, as stored)."),
+      normalize=flags.DEFINE_bool("normalize", False, "L2-normalise each embedding."),
+  )
 
 
-def main(argv):
+def main(argv, f):
   del argv
   cli.quiet_library_logs()
-  if not _CHECKPOINT.value or not _OUT.value:
+  v = {name: flag.value for name, flag in f.items()}
+  if not v["checkpoint"] or not v["out"]:
     cli.fail("--checkpoint and --out are required")
-  if bool(_TEXTS.value) == bool(_IMAGES.value):
+  if bool(v["texts"]) == bool(v["images"]):
     cli.fail("pass exactly one of --texts=FILE or --images=FILE")
-  source = _TEXTS.value or _IMAGES.value
+  source = v["texts"] or v["images"]
   if not os.path.isfile(source):
-    cli.fail(f"{'--texts' if _TEXTS.value else '--images'} {source!r}: no such file")
+    cli.fail(f"{'--texts' if v['texts'] else '--images'} {source!r}: no such file")
   try:
-    embedder = load(_CHECKPOINT.value, _BATCH.value, _MAX_TEXT_LEN.value or None, _MAX_REGIONS.value)
-    if _TEXTS.value:
-      emb = embedder.texts(read_texts(source))
-    else:
-      emb = embedder.images(*read_images(source))
+    embedder = load(v["checkpoint"], v["batch_size"], v["max_text_len"] or None, v["max_regions"])
+    emb = embedder.texts(read_texts(source)) if v["texts"] else embedder.images(*read_images(source))
   except (ValueError, OSError, KeyError) as e:
     cli.fail(str(e))
-  if _NORMALIZE.value:
+  if v["normalize"]:
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
   try:
-    _write_npy(_OUT.value, emb)
+    _write_npy(v["out"], emb)
   except OSError as e:
-    cli.fail(f"cannot write --out {_OUT.value!r}: {e}")
-  print(f"wrote {_OUT.value}: {emb.shape[0]} x {emb.shape[1]} float32 ({embedder.description})")
+    cli.fail(f"cannot write --out {v['out']!r}: {e}")
+  print(f"wrote {v['out']}: {emb.shape[0]} x {emb.shape[1]} float32 ({embedder.description})")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)
