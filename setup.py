@@ -30,6 +30,8 @@ setuptools.setup(
         "safetensors",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # The benchmark's log-log plot (rerank.bench).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.87"],

@@ -52,15 +52,27 @@ def get_config(arg=None):
   # of each upcoming caption; the CE takes one as its negative with probability `ce_prob`.
   # `confuser_prob`: else the CE negative is one of the dataset's known confusers of the
   # caption's image (synthetic_scenes: its family siblings, of which every caption is false).
-  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0, confuser_prob=0.0)
+  # index: "" mines by chunked brute force; exact|scann|jax|auto mine through rerank.index and
+  # draw negatives with p ~ softmax(cosine / temperature) (temperature 0 = uniform over top).
+  c.hard_negatives = dict(every=0, start=0, top=50, ce_prob=0.0, confuser_prob=0.0, index="",
+                          temperature=0.0)
 
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.eval_every = 400  # dev evaluation (BE mR) and best-checkpoint tracking; 0 = off
 
+  # eval.index: the BE first stage, "exact" (brute force), "scann", "jax" (on-device top-k)
+  # or "auto" (exact up to index.exact_max items, else ScaNN).
   c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=20,
-                rr_queries_t2i=0, rr_queries_i2t=0, use_best=True)  # 0 = all queries
+                rr_queries_t2i=0, rr_queries_i2t=0, use_best=True, index="exact")  # 0 = all queries
+  # Index built by `python -m rerank.index` (and used by evaluation when eval.index != exact).
+  # ScaNN fields at 0 are chosen from the corpus size (rerank/index.py: scann_params).
+  c.index = dict(backend="auto", exact_max=20_000, num_leaves=0, leaves_to_search=0, reorder=0,
+                 dims_per_block=0, aq_threshold=0.0, training_sample=0)
+  # Search / Retriever: rerank the BE top `k` with the CE; fusion "ce" (CE score alone, the
+  # authors' default) or "mix" (alpha * P_CE + (1 - alpha) * cosine).
+  c.search = dict(k=20, fusion="ce", alpha=0.5, query_block=8)
 
   if arg.runlocal:
     c.dataset.num_train_images = 64

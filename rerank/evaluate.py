@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from rerank import index as index_lib
 from rerank import metrics
 from rerank import rerank as rerank_lib
 from rerank.models import retrieval
@@ -131,11 +132,15 @@ def _row(model_name, method, k, t2i_hits, i2t_hits, seconds, queries):
 
 
 def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_name: str | None = None,
-             methods=("BE", "CE", "RR"), log=print, query_texts=None, query_images=None) -> list[dict]:
+             methods=("BE", "CE", "RR"), log=print, query_texts=None, query_images=None,
+             index_cfg=None) -> list[dict]:
   """Rows of results for every method in `methods` that `mode` supports (module docstring).
 
   `query_texts` / `query_images` (rows; default all) restrict the queries while the whole of
   `data` stays the corpus: enlarged test sets (`rerank.data.eval_sets.enlarge`).
+  The BE first stage is the index backend `eval_cfg.index` ("exact" when absent: brute force,
+  equal to plain `q @ corpus.T` ranking; "scann", "jax" or "auto"), built per direction with
+  `index_cfg` (config.index: ScaNN parameters; None = chosen from the corpus size).
   """
   model_name = model_name or {"be": "be", "ce": "ce", "separate": "separate"}.get(mode, "joint")
   rel = _relevance(data)  # [T, N]
@@ -150,8 +155,9 @@ def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_nam
     img_emb = scorer.images(data, i_all)  # [N, H]
     t1 = time.perf_counter()
     txt_emb = scorer.texts(data, t_all)  # [T, H]
-    be_t2i = metrics.ranking_from_scores(txt_emb @ img_emb.T, max(10, k))  # [T, depth]
-    be_i2t = metrics.ranking_from_scores(img_emb @ txt_emb.T, max(10, k))  # [N, depth]
+    backend = eval_cfg.get("index", "exact")
+    be_t2i = index_lib.build(img_emb, backend, index_cfg).search(txt_emb, max(10, k))[0]  # [T, depth]
+    be_i2t = index_lib.build(txt_emb, backend, index_cfg).search(img_emb, max(10, k))[0]  # [N, depth]
     # Both corpora are encoded once here; each is query-time work for the other direction,
     # so the whole cost is spread over all queries of both directions.
     be_seconds = time.perf_counter() - t0
@@ -257,8 +263,9 @@ def main(argv):
   print(f"evaluating {which} parameters")
   scorer = Scorer(model, config.mode, config.eval.batch_size, params)
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
-  results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split, evaluate,
-                              scorer, num_images=config.dataset.num_test_images or None)
+  evaluate_fn = functools.partial(evaluate, index_cfg=config.get("index"))
+  results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split,
+                              evaluate_fn, scorer, num_images=config.dataset.num_test_images or None)
   results["checkpoint"] = which
   print("\n" + write_results(workdir, results))
 

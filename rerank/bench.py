@@ -1,0 +1,286 @@
+r"""The efficiency claim, measured: per-query latency of BE, RR and CE-full by corpus size.
+
+  python -m rerank.bench --out=DIR [--sizes=1000,10000,100000,1000000] [--model=tiny|base] [--quick]
+
+For each corpus size N (one run, one machine, all figures side by side):
+- BE: encode one text query + search the index (exact up to 20k items, ScaNN beyond).
+- RR: BE + the jitted rerank of its k (query, image) pairs by the CE. `CE-k` is those k pairs
+  alone, so RR / CE-k shows how little the first stage adds.
+- CE: the CE over all N pairs of a query. Measured up to --ce_max pairs; beyond, extrapolated
+  linearly from the largest measured size and marked `"measured": false`.
+- Index: ScaNN recall@k against exact brute force, and both search times, for the default
+  number of leaves searched and for a half and a quarter of it (same index).
+Search times are per query over a batch of --queries queries (both backends batched alike).
+
+Corpus embeddings are SYNTHETIC and clustered like a trained model's (not i.i.d. Gaussians):
+unit vectors around N / 100 centres (at most 20k), each item a centre plus noise; queries are
+noisy copies of random corpus items (a caption near its image). The model has random weights
+(its cost does not depend on them); CE pairs read real synthetic_scenes inputs.
+
+Writes DIR/bench.json (`rows`: N, method, seconds_per_query, measured; `index_rows`: N,
+recall_at_k, scann_seconds, exact_seconds), DIR/bench.md and DIR/bench.png (log-log).
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from rerank import cli
+from rerank import evaluate
+from rerank import index as index_lib
+from rerank import rerank as rerank_lib
+from rerank import steps
+from rerank.data import datasets
+
+_OUT = flags.DEFINE_string("out", None, "Output directory for bench.json, bench.md, bench.png.")
+_SIZES = flags.DEFINE_list("sizes", None, "Corpus sizes (default 1e3,1e4,1e5,1e6; --quick 1e3,1e4,1e5).")
+_MODEL = flags.DEFINE_enum("model", "tiny", ["tiny", "mini", "small", "base"], "Encoder size.")
+_QUICK = flags.DEFINE_bool("quick", False, "A few minutes on a laptop CPU; still one corpus of 100k.")
+_K = flags.DEFINE_integer("k", 20, "Candidates reranked, and the k of recall@k.")
+_QUERIES = flags.DEFINE_integer("queries", 0, "Queries per search timing (default 200; quick 50).")
+_CE_MAX = flags.DEFINE_integer("ce_max", 0, "Largest CE-full size measured (default 4096; quick 1024).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic embeddings.")
+
+
+def clustered_embeddings(n: int, dim: int, seed: int, spread: float = 1.0) -> np.ndarray:
+  """[n, dim] unit vectors: a centre (of n / 100, at most 20k) plus Gaussian noise each."""
+  rng = np.random.default_rng(seed)
+  centres = rng.standard_normal((max(1, min(n // 100, 20_000)), dim), np.float32)
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  out = np.empty((n, dim), np.float32)
+  for a in range(0, n, 100_000):  # chunks keep the temporary noise small at 1M x 768
+    b = min(a + 100_000, n)
+    x = centres[rng.integers(0, len(centres), b - a)]
+    x += rng.standard_normal((b - a, dim), np.float32) * (spread / np.sqrt(dim))
+    out[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  return out
+
+
+def _queries_near(corpus: np.ndarray, q: int, seed: int, noise: float = 1.0) -> np.ndarray:
+  rng = np.random.default_rng(seed + 1)
+  x = corpus[rng.integers(0, len(corpus), q)]
+  x = x + rng.standard_normal(x.shape, np.float32) * (noise / np.sqrt(x.shape[1]))
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _timed(fn, repeats: int = 3) -> float:
+  """Median wall seconds of fn() after one warm-up call (compilation excluded)."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _demo_config(arg: str):
+  """configs/demo.py of this checkout (the bench's model and input sizes start from it)."""
+  import importlib.util  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+class _Model:
+  """A random-weight joint model with the jitted pieces the bench times."""
+
+  def __init__(self, size: str, k: int, pair_batch: int = 256):
+    self.config = c = _demo_config(f"size={size}")
+    if size == "base":  # the paper's input lengths: 70 wordpieces + 2, 50 regions
+      c.max_text_len, c.max_regions = 72, 50
+    tok = datasets.get_tokenizer(c)
+    self.model = steps.build_model(c, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+    self.params = steps.init_params(self.model, c, jax.random.PRNGKey(0))
+    self.data, _ = datasets.load_split(c, "test", tok, 64)
+    self.encoder = evaluate.Scorer(self.model, c.mode, 1, self.params)
+    # Pairs go in fixed batches (padded): a batch larger than the pairs measured would bill
+    # the padding to CE-full.
+    self.pair_scorer = evaluate.Scorer(self.model, c.mode, pair_batch, self.params)
+    self.reranker = rerank_lib.Reranker(self.model, k, query_block=1)
+    self.k = k
+
+  def encode_one(self):
+    return self.encoder.texts(self.data, np.arange(1))
+
+  def ce_pairs(self, n: int):
+    """Scores n (text, image) pairs, as CE-full does for one query over n items."""
+    rows = np.arange(n) % self.data.num_images
+    return self.pair_scorer.pairs(self.data, np.zeros(n, np.int64), rows)
+
+  def rerank_one(self, be_ids: np.ndarray, be_scores: np.ndarray):
+    k, d = self.k, self.data
+
+    def pairs(rows, cand):
+      regions, mask = d.region_features(cand.reshape(-1) % d.num_images)
+      return (np.repeat(d.token_ids[rows][:, None], k, 1), np.repeat(d.text_mask[rows][:, None], k, 1),
+              regions.reshape((1, k) + regions.shape[1:]), mask.reshape(1, k, -1))
+    return self.reranker(self.params, pairs, be_ids, be_scores)["ids"]
+
+
+def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int, seed: int,
+        log=print) -> dict:
+  """Measures everything and returns the bench.json content (also written to out_dir)."""
+  m = _Model(model_size, k, pair_batch=min(256, ce_max))
+  dim = m.config.model.hidden_size
+  enc = _timed(m.encode_one, 5)
+  log(f"model {model_size} ({dim}-d): encode one query {enc * 1e3:.2f} ms")
+  # CE-full: measured sizes (powers of 2 up to ce_max) give seconds per pair.
+  ce_measured = {}
+  for n in sorted({min(n, ce_max) for n in sizes} | {min(256, ce_max)}):
+    ce_measured[n] = _timed(lambda n=n: m.ce_pairs(n), 2 if n > 1000 else 3)
+    log(f"CE over {n} pairs: {ce_measured[n]:.3f} s")
+  largest = max(ce_measured)
+  per_pair = ce_measured[largest] / largest
+  rows, index_rows = [], []
+  for n in sizes:
+    t0 = time.perf_counter()
+    corpus = clustered_embeddings(n, dim, seed)
+    qs = _queries_near(corpus, queries, seed)
+    one_q = qs[:1]
+    exact = index_lib.ExactIndex(corpus)
+    exact_s = _timed(lambda: exact.search(qs, k), 1 if n >= 500_000 else 3) / queries
+    want = exact.search(qs, k)[0]
+    entry = {"N": n, "k": k, "exact_seconds": exact_s}
+    backend = "exact" if n <= 20_000 else "scann"
+    search_s = exact_s
+    if n >= 1000:  # ScaNN needs enough points to train its partitions and codebooks
+      tb = time.perf_counter()
+      scann = index_lib.build(corpus, "scann")
+      build_s = time.perf_counter() - tb
+      default = scann.params.leaves_to_search
+      # The default, then cheaper searches of the same index: the recall / speed trade-off.
+      for leaves in sorted({default, max(1, default // 2), max(1, default // 4)}, reverse=True):
+        scann_s = _timed(lambda leaves=leaves: scann.search(qs, k, leaves), 3) / queries
+        got = scann.search(qs, k, leaves)[0]
+        recall = float(np.mean([len(set(g) & set(w)) / k for g, w in zip(got, want)]))
+        index_rows.append(dict(entry, recall_at_k=recall, scann_seconds=scann_s,
+                               speedup=exact_s / scann_s, scann_build_seconds=build_s,
+                               leaves_to_search=leaves, default=leaves == default,
+                               scann=dataclasses.asdict(scann.params)))
+        log(f"N={n}: ScaNN ({leaves}/{scann.params.num_leaves} leaves) recall@{k} {recall:.3f}, "
+            f"search {scann_s * 1e3:.3f} ms/query vs exact {exact_s * 1e3:.3f} ms/query "
+            f"({exact_s / scann_s:.1f}x), built in {build_s:.1f}s")
+        if backend == "scann" and leaves == default:
+          search_s = scann_s
+    idx = scann if backend == "scann" else exact
+    ids, scores = idx.search(one_q, k)
+    ce_k = _timed(lambda: m.rerank_one(ids, scores), 5)
+    be = enc + search_s
+    rr = be + ce_k
+    ce_full, measured = (ce_measured[n], True) if n in ce_measured else (n * per_pair, False)
+    for method, sec, meas in (("BE", be, True), ("RR", rr, True), ("CE-k", ce_k, True),
+                              ("CE", ce_full, measured)):
+      rows.append({"N": n, "method": method, "seconds_per_query": sec, "measured": meas,
+                   "index": backend if method in ("BE", "RR") else None})
+    log(f"N={n}: BE {be * 1e3:.2f} ms, RR {rr * 1e3:.2f} ms (CE-k {ce_k * 1e3:.2f} ms), "
+        f"CE {ce_full:.3f} s{'' if measured else ' (extrapolated)'} "
+        f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+    corpus = exact = idx = scann = None  # free the large arrays before the next size
+  result = {
+      "model": model_size, "dim": dim, "k": k, "queries": queries, "ce_measured_max": ce_max,
+      "ce_seconds_per_pair": per_pair, "encode_seconds": enc,
+      "machine": f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
+                 f"{jax.devices()[0].platform}",
+      "embeddings": "synthetic clustered unit vectors (N/100 centres, at most 20k; noise 0.5); "
+                    "queries are noisy copies of corpus items",
+      "rows": rows, "index_rows": index_rows}
+  write(out_dir, result)
+  return result
+
+
+def markdown(res: dict) -> str:
+  k = res["k"]
+  by = {(r["N"], r["method"]): r for r in res["rows"]}
+  sizes = sorted({r["N"] for r in res["rows"]})
+  lines = [f"Model {res['model']} ({res['dim']}-d), k={k}, {res['machine']}. "
+           f"Seconds per query; * = CE extrapolated linearly from {res['ce_measured_max']} pairs.",
+           "", "| N | BE | RR | CE-k | CE | RR / CE-k | CE / RR | N / k |",
+           "|---|---|---|---|---|---|---|---|"]
+  for n in sizes:
+    be, rr, cek, ce = (by[(n, x)] for x in ("BE", "RR", "CE-k", "CE"))
+    star = "" if ce["measured"] else "*"
+    lines.append(f"| {n} | {be['seconds_per_query']:.2e} | {rr['seconds_per_query']:.2e} "
+                 f"| {cek['seconds_per_query']:.2e} | {ce['seconds_per_query']:.2e}{star} "
+                 f"| {rr['seconds_per_query'] / cek['seconds_per_query']:.2f} "
+                 f"| {ce['seconds_per_query'] / rr['seconds_per_query']:.1f} | {n / k:.0f} |")
+  lines += ["", f"| N | leaves searched | ScaNN recall@{k} | ScaNN s/query | exact s/query "
+            "| speedup | build s |", "|---|---|---|---|---|---|---|"]
+  for r in res["index_rows"]:
+    leaves = f"{r['leaves_to_search']}/{r['scann']['num_leaves']}{' (default)' * r['default']}"
+    lines.append(f"| {r['N']} | {leaves} | {r['recall_at_k']:.3f} | {r['scann_seconds']:.2e} "
+                 f"| {r['exact_seconds']:.2e} | {r['speedup']:.1f}x | {r['scann_build_seconds']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def _plot(res: dict, path: str):
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for method, style in (("BE", "o-"), ("RR", "s-"), ("CE", "^-")):
+    pts = sorted((r["N"], r["seconds_per_query"], r["measured"]) for r in res["rows"]
+                 if r["method"] == method)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method)
+    ext = [p for p in pts if not p[2]]
+    if ext:
+      ax.plot([p[0] for p in ext], [p[1] for p in ext], "^", mfc="none", ms=12, color="gray",
+              label="CE extrapolated")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("corpus size N")
+  ax.set_ylabel("seconds per query")
+  ax.set_title(f"model {res['model']}, k={res['k']}")
+  ax.legend()
+  ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write(out_dir: str, res: dict):
+  """bench.json, bench.md and bench.png, each written to a temp name and renamed."""
+  os.makedirs(out_dir, exist_ok=True)
+  files = {"bench.json": json.dumps(res, indent=2) + "\n", "bench.md": markdown(res)}
+  for name, text in files.items():
+    tmp = os.path.join(out_dir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out_dir, name))
+  tmp = os.path.join(out_dir, ".bench.tmp.png")
+  _plot(res, tmp)
+  os.replace(tmp, os.path.join(out_dir, "bench.png"))
+
+
+def main(argv):
+  del argv
+  cli.quiet_library_logs()
+  if not _OUT.value:
+    cli.fail("--out is required, e.g. --out=workdirs/bench")
+  quick = _QUICK.value
+  try:
+    sizes = [int(float(s)) for s in (_SIZES.value or (["1e3", "1e4", "1e5"] if quick else
+                                                      ["1e3", "1e4", "1e5", "1e6"]))]
+  except ValueError:
+    cli.fail(f"--sizes: expected comma-separated integers; found {_SIZES.value}")
+  if not sizes or min(sizes) < _K.value:
+    cli.fail(f"--sizes: every size must be >= k={_K.value}; found {sizes}")
+  queries = _QUERIES.value or (50 if quick else 200)
+  ce_max = _CE_MAX.value or (1024 if quick else 4096)
+  t0 = time.perf_counter()
+  res = run(_OUT.value, sorted(sizes), _MODEL.value, _K.value, queries, ce_max, _SEED.value)
+  print("\n" + markdown(res))
+  print(f"wrote {_OUT.value}/bench.json, bench.md, bench.png in {time.perf_counter() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

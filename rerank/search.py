@@ -1,0 +1,53 @@
+r"""Searches an index built by `python -m rerank.index` and prints the ranked images.
+
+  python -m rerank.search --index=DIR --query="a red metal cube" [--k=20] [--rerank] [--show=10]
+
+Each line: rank, corpus row, image id, BE cosine, CE score (with --rerank), and the first
+caption of the image (to see what it is). With --rerank the BE top-k is reordered by the CE
+(or by the fusion of config.search.fusion).
+"""
+
+from absl import app
+from absl import flags
+
+from rerank import cli
+from rerank import index as index_lib
+
+_INDEX = flags.DEFINE_string("index", None, "Index directory (python -m rerank.index --out=DIR).")
+_QUERY = flags.DEFINE_multi_string("query", None, "Query text; repeat the flag for several.")
+_K = flags.DEFINE_integer("k", 20, "Candidates retrieved (and reranked); clamped to the corpus size.")
+_RERANK = flags.DEFINE_bool("rerank", False, "Rerank the top-k with the cross-encoder.")
+_SHOW = flags.DEFINE_integer("show", 10, "How many of the k to print per query.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Training workdir to use instead of the one recorded in the index "
+    "(must have the same parameters).")
+
+
+def main(argv):
+  del argv
+  from rerank import retriever  # noqa: PLC0415  (heavy imports after flag errors)
+
+  cli.quiet_library_logs()
+  if not _INDEX.value:
+    cli.fail("--index is required (a directory written by python -m rerank.index)")
+  queries = _QUERY.value or []
+  if not queries or any(not q.strip() for q in queries):
+    cli.fail(f"--query: expected a non-empty text; found {queries!r}")
+  if _K.value < 1:
+    cli.fail(f"--k: expected >= 1; found {_K.value}")
+  try:
+    r = retriever.Retriever.load(_INDEX.value, _CHECKPOINT.value)
+    results = r.search(queries, k=_K.value, rerank=_RERANK.value)
+  except (FileNotFoundError, index_lib.IndexMismatchError, ValueError) as e:
+    cli.fail(str(e))
+  for query, hits in zip(queries, results):
+    print(f"\nquery: {query!r}  ({len(hits)} of {r.index.size} images"
+          f"{', CE reranked' if _RERANK.value else ''})")
+    print(f"{'rank':>4} {'row':>6} {'image_id':>9} {'BE cos':>7} {'CE':>8}  caption")
+    for h in hits[:_SHOW.value]:
+      ce = f"{h['ce_score']:8.3f}" if _RERANK.value else f"{'-':>8}"
+      print(f"{h['rank']:>4} {h['row']:>6} {h['image_id']:>9} {h['be_score']:7.3f} {ce}  {h['caption']}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,135 @@
+"""Jitted rerank (static shapes, fusion), the Retriever API and the index / search CLIs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rerank import checkpoint
+from rerank import evaluate
+from rerank import index
+from rerank import rerank
+from rerank import retriever
+from rerank import steps
+from rerank.data import datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import demo  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _make_workdir(path, seed=0):
+  """A training workdir with a checkpoint of fresh parameters (no training needed here)."""
+  config = demo.get_config("runlocal")
+  tok = datasets.get_tokenizer(config)
+  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  state = steps.init_train_state(model, config, steps.optimizer(config), jax.random.PRNGKey(seed))
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  ckpts = checkpoint.Checkpoints(path, async_save=False)
+  ckpts.save(0, state)
+  ckpts.close()
+  return config, tok, model, state["params"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """(workdir, index dir, config, model, params): an exact index over 32 test images."""
+  root = tmp_path_factory.mktemp("search")
+  work, out = str(root / "work"), str(root / "idx")
+  config, tok, model, params = _make_workdir(work)
+  subprocess.run([sys.executable, "-m", "rerank.index", f"--checkpoint={work}", "--split=test",
+                  "--num_images=32", f"--out={out}"], check=True, env=ENV, cwd=REPO,
+                 capture_output=True, text=True)
+  return work, out, config, tok, model, params
+
+
+def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
+  _, _, config, tok, model, params = built
+  data, _ = datasets.load_split(config, "test", tok, 32)
+  k = 6
+  rr = rerank.Reranker(model, k=k, query_block=4)
+  scorer = evaluate.Scorer(model, config.mode, 32, params)
+
+  def pairs(rows, cand):
+    b = len(rows)
+    regions, mask = data.region_features(cand.reshape(-1))
+    return (np.repeat(data.token_ids[rows][:, None], k, 1), np.repeat(data.text_mask[rows][:, None], k, 1),
+            regions.reshape((b, k) + regions.shape[1:]), mask.reshape(b, k, -1))
+
+  rng = np.random.default_rng(0)
+  for q in (5, 3):  # different query counts, same k: one compilation
+    be_ids = np.stack([rng.permutation(32)[:10] for _ in range(q)])  # [Q, 10]
+    be = np.sort(rng.random((q, 10)).astype(np.float32), axis=1)[:, ::-1]
+    out = rr(params, pairs, be_ids, be)
+    ce = scorer.pairs(data, np.repeat(np.arange(q), k), be_ids[:, :k].reshape(-1)).reshape(q, k)
+    np.testing.assert_array_equal(out["ids"], rerank.rerank_topk(be_ids, ce))
+    np.testing.assert_allclose(out["ce"][:, :k], -np.sort(-ce, axis=1), atol=1e-4)
+    np.testing.assert_array_equal(out["be"][:, k:], be[:, k:])
+    assert np.isnan(out["ce"][:, k:]).all()
+  assert rr.fn._cache_size() == 1  # noqa: SLF001
+
+  # Fewer candidates than k (a tiny corpus): padded, masked, still the same compiled shape.
+  out = rr(params, pairs, be_ids[:, :4], be[:, :4])
+  assert out["ids"].shape == (3, 4) and sorted(out["ids"][0]) == sorted(be_ids[0, :4])
+  assert rr.fn._cache_size() == 1  # noqa: SLF001
+
+  # alpha = 0 fusion is the cosine alone: the BE order comes back unchanged.
+  mix = rerank.Reranker(model, k=k, query_block=4, fusion="mix", alpha=0.0)
+  np.testing.assert_array_equal(mix(params, pairs, be_ids, be)["ids"], be_ids)
+  with pytest.raises(ValueError, match="fusion"):
+    rerank.make_rerank_fn(model, fusion="sum")
+
+
+def test_retriever_search_encode_predict(built):
+  work, out, *_ = built
+  r = retriever.Retriever.load(out)
+  queries = ["a red cube", "a small blue sphere left of a torus"]
+  be = r.search(queries, k=8, rerank=False)
+  emb_q, emb_i = r.encode_texts(queries), r.encode_images(np.arange(32))
+  want = index.ExactIndex(emb_i).search(emb_q, 8)[0]
+  assert [[h["row"] for h in hits] for hits in be] == want.tolist()
+  rr = r.search(queries, k=8, rerank=True)
+  for query, hits, be_hits in zip(queries, rr, be):
+    assert sorted(h["row"] for h in hits) == sorted(h["row"] for h in be_hits)
+    ce = [h["ce_score"] for h in hits]
+    assert ce == sorted(ce, reverse=True)
+    rows = [h["row"] for h in hits]
+    np.testing.assert_allclose(r.predict([query] * len(rows), rows), ce, atol=1e-4)
+  assert len(r.search("a cube", k=500)[0]) == 32  # k beyond the corpus is clamped
+  with pytest.raises(ValueError, match="non-empty"):
+    r.search(["  "])
+
+
+def test_index_from_another_checkpoint_is_refused(built, tmp_path):
+  _, out, *_ = built
+  other = str(tmp_path / "other")
+  _make_workdir(other, seed=1)
+  with pytest.raises(index.IndexMismatchError, match="fingerprint"):
+    retriever.Retriever.load(out, checkpoint_dir=other)
+
+
+def test_search_cli_prints_ranked_items_and_fails_clearly(built):
+  _, out, *_ = built
+  run = lambda *a: subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", *a],  # noqa: E731
+                                  env=ENV, cwd=REPO, capture_output=True, text=True)
+  res = run("--query=a red cube", "--k=5", "--rerank", "--show=5")
+  assert res.returncode == 0, res.stderr
+  lines = [l.split() for l in res.stdout.splitlines() if l.strip()[:1].isdigit()]
+  assert [int(l[0]) for l in lines] == [1, 2, 3, 4, 5]
+  ce = [float(l[4]) for l in lines]
+  assert ce == sorted(ce, reverse=True)
+  res = run("--query= ")
+  assert res.returncode != 0 and "error: --query" in res.stderr
+  res = subprocess.run([sys.executable, "-m", "rerank.search", "--index=/nonexistent", "--query=x"],
+                       env=ENV, cwd=REPO, capture_output=True, text=True)
+  assert res.returncode != 0 and "no index here" in res.stderr
+  with open(os.path.join(out, "index.json")) as f:
+    assert json.load(f)["identity"]["num_images"] == 32
