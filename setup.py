@@ -35,8 +35,9 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.87"],
-        # Reads coco_oscar .pt files (rerank.data.prepare). A plain `torch` pulls a multi-GB CUDA
-        # build on most machines; keep it opt-in.
+        # Reads coco_oscar .pt files (rerank.data.prepare) and PyTorch .bin/.pth checkpoints
+        # (rerank.convert, weights_only=True); the parity tests need it. A plain `torch` pulls a
+        # multi-GB CUDA build on most machines; keep it opt-in.
         "torch": ["torch>=2.3"],
     },
 )

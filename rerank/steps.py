@@ -21,11 +21,54 @@ from rerank.models import encoder as encoder_lib
 from rerank.models import retrieval
 
 
+# With `config.init_from`, these config.model fields still apply; the architecture (sizes, eps,
+# activation, input layout) comes from the converted checkpoint.
+_RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention_dropout_rate")
+
+
 def build_model(config, cls_token_id: int, vocab_size: int) -> retrieval.RetrievalModel:
   fields = {k: v for k, v in config.model.to_dict().items() if k != "head_dropout"}
-  cfg = encoder_lib.EncoderConfig(vocab_size=vocab_size, **fields)
+  if config.get("init_from"):
+    from rerank.models import load  # pylint: disable=import-outside-toplevel
+    meta = load.read_meta(config.init_from)
+    runtime = {k: fields[k] for k in _RUNTIME_FIELDS if k in fields}
+    cfg = load.encoder_config(meta, **runtime)
+    width = config.model.feature_dim + config.model.box_dim
+    if cfg.feature_dim + cfg.box_dim != width:
+      raise ValueError(f"config.init_from {config.init_from!r}: the checkpoint embeds regions of "
+                       f"{cfg.feature_dim}+{cfg.box_dim} values; config.model has {width}")
+    longest = config.max_text_len + (config.max_regions if cfg.positions == "sequence" else 0)
+    if longest + cfg.position_offset > cfg.max_position_embeddings:
+      raise ValueError(f"config.max_text_len {config.max_text_len}: the checkpoint {config.init_from!r} has "
+                       f"{cfg.max_position_embeddings} positions (offset {cfg.position_offset}); at most "
+                       f"{cfg.max_position_embeddings - cfg.position_offset} tokens per sequence fit")
+    cls_token_id = meta["cls_token_id"]
+  else:
+    cfg = encoder_lib.EncoderConfig(vocab_size=vocab_size, **fields)
   return retrieval.RetrievalModel(cfg, cls_token_id=cls_token_id,
                                   head_dropout=config.model.get("head_dropout", 0.1))
+
+
+def with_pretrained_encoder(params, encoder_params, mode: str):
+  """`params` with every encoder tree replaced by `encoder_params` (heads keep their init).
+
+  Raises ValueError naming the first parameter whose path or shape differs.
+  """
+  def replace(tree):
+    want = jax.tree_util.tree_flatten_with_path(tree["encoder"])[0]
+    have = dict(jax.tree_util.tree_flatten_with_path(encoder_params)[0])
+    if len(have) != len(want):
+      raise ValueError(f"init_from: checkpoint has {len(have)} encoder tensors, the model {len(want)}")
+    for path, leaf in want:
+      if path not in have or tuple(have[path].shape) != tuple(leaf.shape):
+        found = tuple(have[path].shape) if path in have else "nothing"
+        raise ValueError(f"init_from: encoder{jax.tree_util.keystr(path)}: model expects "
+                         f"{tuple(leaf.shape)}, checkpoint has {found}")
+    new = jax.tree_util.tree_map(lambda x, y: jnp.asarray(y, x.dtype), tree["encoder"], encoder_params)
+    return {**tree, "encoder": new}
+  if mode == "separate":
+    return {k: replace(v) for k, v in params.items()}
+  return replace(params)
 
 
 def dummy_inputs(config, batch: int = 1):

@@ -35,6 +35,7 @@ from rerank import steps
 from rerank.data import batches
 from rerank.data import datasets
 from rerank.data import eval_sets
+from rerank.models import load
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
@@ -81,6 +82,9 @@ def main(argv):
     cli.fail(str(e))
   preemption = Preemption()
   config = cli.load_config(_CONFIG)
+  if config.get("init_from") and not load.is_converted(config.init_from):
+    cli.fail(f"config.init_from {config.init_from!r}: not a converted checkpoint (no model.json and "
+             "params/); make one with python -m rerank.convert --family=... --src=... --dst=DIR")
   hn = config.hard_negatives
   if hn.every and config.mode == "ce":
     cli.fail("config.hard_negatives.every: mining needs a bi-encoder; found mode='ce'")
@@ -125,7 +129,10 @@ def main(argv):
       f"{dev.num_images} / {dev.num_texts} ({time.perf_counter() - t0:.1f}s)")
 
   # ---------------------------------------------------------------- model and optimizer
-  model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+  try:
+    model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+  except ValueError as e:
+    cli.fail(str(e))
   tx = steps.optimizer(config)
 
   # ---------------------------------------------------------------- sharding
@@ -136,13 +143,19 @@ def main(argv):
       jax.eval_shape(make_state), sharding.logical_param_axes(model, config), rules, mesh)
   state = jax.jit(make_state, out_shardings=state_sharded)()
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
-  log(f"model: mode={config.mode} size={config.model.hidden_size}x{config.model.num_layers} "
+  log(f"model: mode={config.mode} size={model.cfg.hidden_size}x{model.cfg.num_layers} "
       f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
       f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
 
   # ---------------------------------------------------------------- resume
   ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
   start = 0
+  if config.get("init_from") and ckpts.latest_step() is None:
+    state["params"] = jax.device_put(steps.with_pretrained_encoder(
+        state["params"], load.load_encoder_params(config.init_from), config.mode),
+        state_sharded["params"])
+    log(f"init_from {config.init_from}: encoder loaded ({load.read_meta(config.init_from)['family']}); "
+        "ce_head freshly initialised")
   if ckpts.latest_step() is not None:
     state = ckpts.restore_state(jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))

@@ -21,7 +21,8 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: list[str], max_len: int):
   """
   tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())  # no shared padding state
   tok.enable_truncation(max_len)
-  tok.enable_padding(length=max_len, pad_id=0, pad_token="[PAD]")
+  pad = "[PAD]" if tok.token_to_id("[PAD]") is not None else "<pad>"  # BERT vs XLM-R vocabularies
+  tok.enable_padding(length=max_len, pad_id=tok.token_to_id(pad) or 0, pad_token=pad)
   enc = tok.encode_batch(texts)
   ids = np.asarray([e.ids for e in enc], np.int32).reshape(len(texts), max_len)
   mask = np.asarray([e.attention_mask for e in enc], bool).reshape(len(texts), max_len)
@@ -47,6 +48,10 @@ TOKENIZERS = {"synthetic_scenes": synthetic_scenes.build_tokenizer}
 
 
 def get_tokenizer(config) -> tokenizers.Tokenizer:
+  """The dataset's tokenizer, or the converted checkpoint's when `config.init_from` is set."""
+  if config.get("init_from"):
+    from rerank.models import load  # pylint: disable=import-outside-toplevel
+    return load.load_tokenizer(config.init_from)
   if config.dataset.name in TOKENIZERS:
     return TOKENIZERS[config.dataset.name]()
   return prepared.bert_tokenizer(config.dataset.get("tokenizer", ""))

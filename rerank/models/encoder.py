@@ -41,6 +41,14 @@ class EncoderConfig:
   visual_layernorm: bool = False
   # "text_first" (OSCAR, UNITER) or "image_first" (M3P).
   order: str = "text_first"
+  # "text": positions count text tokens only (BERT, OSCAR, UNITER). "sequence": one position
+  # embedding over the whole joint sequence, then one LayerNorm over it (M3P).
+  positions: str = "text"
+  # Added to every position id: HF RoBERTa / XLM-R count positions from padding_idx + 1.
+  position_offset: int = 0
+  # LayerNorm eps of the region embedding when the checkpoint says so (OSCAR's
+  # img_layer_norm_eps); None = layer_norm_eps.
+  visual_layer_norm_eps: float | None = None
   dtype: str = "float32"  # compute dtype; parameters always stay float32.
   remat: bool = False
 
@@ -49,6 +57,8 @@ class EncoderConfig:
       raise ValueError(f"model.visual: expected one of oscar, m3p, uniter; found {self.visual!r}")
     if self.order not in ("text_first", "image_first"):
       raise ValueError(f"model.order: expected text_first or image_first; found {self.order!r}")
+    if self.positions not in ("text", "sequence"):
+      raise ValueError(f"model.positions: expected text or sequence; found {self.positions!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype: expected one of {sorted(DTYPES)}; found {self.dtype!r}")
     if self.hidden_size % self.num_heads:
@@ -81,9 +91,9 @@ def _dense(features, axes, cfg: EncoderConfig, name: str, axis=-1):
       kernel_init=_init(0.02, axes), bias_init=_zeros(axes[num_in:]), name=name)
 
 
-def _layer_norm(cfg: EncoderConfig, name: str):
+def _layer_norm(cfg: EncoderConfig, name: str | None = None, eps: float | None = None):
   return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      epsilon=cfg.layer_norm_eps if eps is None else eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
       scale_init=_ones(("embed",)), bias_init=_zeros(("embed",)), name=name)
 
 
@@ -97,21 +107,41 @@ def _activation(name: str):
 
 
 class TextEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  """Word + position + token-type embeddings, LayerNorm, dropout.
+
+  `tokens` and `finish` split the work for layouts (M3P) whose positions and LayerNorm cover
+  the joint text+image sequence; `__call__` is both at once (BERT, OSCAR, UNITER).
+  """
 
   cfg: EncoderConfig
 
-  @nn.compact
-  def __call__(self, token_ids, positions, deterministic: bool):  # [B, T] -> [B, T, H]
+  def setup(self):
     cfg = self.cfg
-    embed = lambda n, name, axes: nn.Embed(  # noqa: E731
+    embed = lambda n, axes: nn.Embed(  # noqa: E731
         n, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-        embedding_init=_init(0.02, axes), name=name)
-    x = embed(cfg.vocab_size, "word_embeddings", ("vocab", "embed"))(token_ids)
-    x = x + embed(cfg.max_position_embeddings, "position_embeddings", (None, "embed"))(positions)
-    x = x + embed(cfg.type_vocab_size, "token_type_embeddings", (None, "embed"))(jnp.zeros_like(token_ids))
-    x = _layer_norm(cfg, "LayerNorm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        embedding_init=_init(0.02, axes))
+    self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"))
+    self.position_embeddings = embed(cfg.max_position_embeddings, (None, "embed"))
+    # M3P has no token types (type_vocab_size 0).
+    self.token_type_embeddings = embed(cfg.type_vocab_size, (None, "embed")) if cfg.type_vocab_size else None
+    self.LayerNorm = _layer_norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def tokens(self, token_ids):  # [B, T] -> [B, T, H]: words (+ type 0), no position, no LayerNorm
+    x = self.word_embeddings(token_ids)
+    if self.token_type_embeddings is not None:
+      x = x + self.token_type_embeddings(jnp.zeros_like(token_ids))
+    return x
+
+  def type_embedding(self, type_id: int):  # [H]: UNITER adds type 1 to its regions
+    return self.token_type_embeddings.embedding[type_id].astype(self.cfg.compute_dtype)
+
+  def finish(self, x, positions, deterministic: bool):  # + positions, LayerNorm, dropout
+    x = x + self.position_embeddings(positions + self.cfg.position_offset)
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+  def __call__(self, token_ids, positions, deterministic: bool):  # [B, T] -> [B, T, H]
+    return self.finish(self.tokens(token_ids), positions, deterministic)
 
 
 class RegionEmbeddings(nn.Module):
@@ -120,7 +150,7 @@ class RegionEmbeddings(nn.Module):
   cfg: EncoderConfig
 
   @nn.compact
-  def __call__(self, regions, deterministic: bool):  # [B, R, F+box] -> [B, R, H]
+  def __call__(self, regions, deterministic: bool, type_embedding=None):  # [B, R, F+box] -> [B, R, H]
     cfg = self.cfg
     h = cfg.hidden_size
     regions = regions.astype(cfg.compute_dtype)
@@ -128,7 +158,7 @@ class RegionEmbeddings(nn.Module):
     if cfg.visual == "oscar":
       x = _dense(h, (None, "embed"), cfg, "img_embedding")(regions)
       if cfg.visual_layernorm:
-        x = _layer_norm(cfg, "LayerNorm")(x)
+        x = _layer_norm(cfg, "LayerNorm", cfg.visual_layer_norm_eps)(x)
     elif cfg.visual == "m3p":
       # loc = [x1, y1, x2, y2, area] from our 6 normalised box values.
       loc = jnp.concatenate([box[..., :4], box[..., 4:5] * box[..., 5:6]], axis=-1)
@@ -136,9 +166,13 @@ class RegionEmbeddings(nn.Module):
       x = x + _dense(h, (None, "embed"), cfg, "loc_embedding")(loc)
       x = _layer_norm(cfg, "LayerNorm")(x)
     else:  # uniter: 7-d box [x1, y1, x2, y2, w, h, w*h].
+      # UNITER: LN(LN(Linear(f)) + LN(Linear(box7)) + token_type_embeddings[1]).
       pos = jnp.concatenate([box[..., :6], box[..., 4:5] * box[..., 5:6]], axis=-1)
       x = _layer_norm(cfg, "img_layer_norm")(_dense(h, (None, "embed"), cfg, "img_linear")(feats))
       x = x + _layer_norm(cfg, "pos_layer_norm")(_dense(h, (None, "embed"), cfg, "pos_linear")(pos))
+      if type_embedding is not None:
+        x = x + type_embedding
+      x = _layer_norm(cfg, "LayerNorm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -188,14 +222,18 @@ class Encoder(nn.Module):
   def __call__(self, token_ids=None, text_mask=None, regions=None, region_mask=None, *,
                deterministic: bool = True):
     cfg = self.cfg
+    # Positions count valid tokens only, so left- or right-padding gives the same output.
+    count = lambda m: jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)  # noqa: E731
+    joint = cfg.positions == "sequence"
+    text_emb = TextEmbeddings(cfg, name="embeddings")
     parts, masks = [], []
     if token_ids is not None:
-      # Positions count valid tokens only, so left- or right-padding gives the same output.
-      positions = jnp.maximum(jnp.cumsum(text_mask, axis=-1) - 1, 0)
-      parts.append(TextEmbeddings(cfg, name="embeddings")(token_ids, positions, deterministic))
+      parts.append(text_emb.tokens(token_ids) if joint else
+                   text_emb(token_ids, count(text_mask), deterministic))
       masks.append(text_mask.astype(bool))
     if regions is not None:
-      parts.append(RegionEmbeddings(cfg, name="img_embeddings")(regions, deterministic))
+      type_emb = text_emb.type_embedding(1) if cfg.visual == "uniter" and cfg.type_vocab_size > 1 else None
+      parts.append(RegionEmbeddings(cfg, name="img_embeddings")(regions, deterministic, type_emb))
       masks.append(region_mask.astype(bool))
     if not parts:
       raise ValueError("Encoder needs text, regions, or both")
@@ -203,10 +241,13 @@ class Encoder(nn.Module):
       parts, masks = parts[::-1], masks[::-1]
     x = jnp.concatenate(parts, axis=1)
     mask = jnp.concatenate(masks, axis=1)
+    if joint:
+      x = text_emb.finish(x, count(mask), deterministic)
     layer_cls = nn.remat(Layer, static_argnums=(3,)) if cfg.remat else Layer
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
-    # The pooler reads position 0, which is [CLS] in every layout we build.
+    # The pooler reads position 0: [CLS] when text comes first, the first region in M3P's
+    # image-first layout (as M3P's own pooled output).
     pooled = jnp.tanh(_dense(cfg.hidden_size, ("embed", "mlp"), cfg, "pooler")(x[:, 0]))
     return x, mask, pooled
 
