@@ -196,7 +196,9 @@ def main(argv):
           f"({time.perf_counter() - t0:.1f}s)")
     batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
                                 mined, hn.ce_prob, hn.confuser_prob, ce_group,
-                                hn.get("be_negatives", 0))
+                                hn.get("be_negatives", 0), lazy=True)
+    # Rows and negatives are chosen for the global batch on every process alike; each process
+    # reads region features for its own devices' rows only.
     batch = sharding.shard_batch(batch, batch_sharded)
     state, step_metrics = train_step(state, batch)
     is_log = step % config.log_every == 0 or step == total

@@ -138,3 +138,29 @@ def test_be_negatives_come_from_mined_lists_else_random_other_images():
   batch = batches.train_batch(data, "be", 3, 0, 0, mined, num_be_negatives=5)["be"]
   assert batch["neg_regions"].shape == (15, 2, 5) and batch["neg_region_mask"].shape == (15, 2)
   assert "neg_regions" not in batches.train_batch(data, "be", 3, 0, 0)["be"]
+
+
+def test_lazy_batch_equals_eager_and_reads_only_the_rows_asked_for():
+  data = _data()
+  read = []
+
+  def region_features(rows):
+    read.append(np.asarray(rows).copy())
+    return data.region_features(rows)
+
+  counted = batches.RetrievalData(data.token_ids, data.text_mask, data.caption_image,
+                                  data.image_ids, region_features)
+  eager = batches.train_batch(data, "joint_alternate", 8, 3, 5, num_be_negatives=2)
+  lazy = batches.train_batch(counted, "joint_alternate", 8, 3, 5, num_be_negatives=2, lazy=True)
+  read.clear()
+  for part in ("be", "ce"):
+    for key, value in eager[part].items():
+      np.testing.assert_array_equal(np.asarray(lazy[part][key]), value)
+      assert lazy[part][key].shape == value.shape
+  read.clear()
+  # A device holding rows 2..4 of the CE pairs reads those 2 images (regions and mask share them).
+  half = lazy["ce"]["regions"][slice(2, 4), slice(None), slice(None)]
+  np.testing.assert_array_equal(half, eager["ce"]["regions"][2:4])
+  np.testing.assert_array_equal(lazy["ce"]["region_mask"][slice(2, 4), slice(None)],
+                                eager["ce"]["region_mask"][2:4])
+  assert [len(r) for r in read] == [2]

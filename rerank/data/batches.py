@@ -59,6 +59,44 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([seed, *keys]))
 
 
+class LazyRows:
+  """A batch leaf whose rows are computed only when indexed: `x[idx]` featurises just the rows
+  in idx[0]. `sharding.shard_batch` indexes each device's slice, so on several hosts every
+  process reads the region features of its own rows only, while the choice of rows and
+  negatives (cheap, index-level) stays global and identical on every process."""
+
+  def __init__(self, rows: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], shape, dtype):
+    self.rows, self.fn = rows, fn
+    self.shape, self.dtype = (len(rows), *shape), np.dtype(dtype)
+
+  def __getitem__(self, idx):
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return self.fn(self.rows[idx[0]])[(slice(None), *idx[1:])]
+
+  def __array__(self, dtype=None, copy=None):
+    out = self.fn(self.rows)
+    return out if dtype is None else out.astype(dtype)
+
+
+def region_leaves(data: RetrievalData, img_rows: np.ndarray, lazy: bool):
+  """(regions, region_mask) of image rows: arrays, or `LazyRows` sharing one featurisation per
+  requested slice."""
+  if not lazy:
+    return data.region_features(img_rows)
+  probe, probe_mask = data.region_features(img_rows[:1])
+  last = {}
+
+  def features(rows):  # the mask leaf asks for the same slice right after the regions leaf
+    key = rows.tobytes()
+    if key not in last:
+      last.clear()
+      last[key] = data.region_features(rows)
+    return last[key]
+
+  return (LazyRows(img_rows, lambda r: features(r)[0], probe.shape[1:], probe.dtype),
+          LazyRows(img_rows, lambda r: features(r)[1], probe_mask.shape[1:], probe_mask.dtype))
+
+
 def caption_rows(num_texts: int, batch_size: int, seed: int, step: int) -> np.ndarray:
   """Caption indices [B] of global step `step`: epoch-wise seeded permutations, no caption dropped."""
   start = step * batch_size
@@ -73,16 +111,16 @@ def caption_rows(num_texts: int, batch_size: int, seed: int, step: int) -> np.nd
 
 
 def be_batch(data: RetrievalData, rows: np.ndarray,
-             negatives: np.ndarray | None = None) -> dict[str, np.ndarray]:
+             negatives: np.ndarray | None = None, lazy: bool = False) -> dict[str, np.ndarray]:
   """B captions and their images; with `negatives` ([B, n] image rows) also their regions,
   laid out caption by caption ([B * n, R, F]) for the sampled-triplet loss."""
   img_rows = data.caption_image[rows]
-  regions, region_mask = data.region_features(img_rows)
+  regions, region_mask = region_leaves(data, img_rows, lazy)
   out = {"token_ids": data.token_ids[rows], "text_mask": data.text_mask[rows],
          "regions": regions, "region_mask": region_mask,
          "image_ids": data.image_ids[img_rows]}
   if negatives is not None:
-    out["neg_regions"], out["neg_region_mask"] = data.region_features(negatives.reshape(-1))
+    out["neg_regions"], out["neg_region_mask"] = region_leaves(data, negatives.reshape(-1), lazy)
   return out
 
 
@@ -106,7 +144,7 @@ def be_negatives(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator
 
 def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
              mined: dict | None = None, hard_prob: float = 0.0,
-             confuser_prob: float = 0.0) -> dict[str, np.ndarray]:
+             confuser_prob: float = 0.0, lazy: bool = False) -> dict[str, np.ndarray]:
   """2B pairs: [positives; negatives] with labels [1]*B + [0]*B.
 
   With `mined` (caption row -> [K] image rows of hard negatives, see `rerank.mining`), each
@@ -140,14 +178,15 @@ def ce_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
         neg_txt[i] = rng.integers(data.num_texts)
   txt = np.concatenate([rows, neg_txt])
   img = np.concatenate([img_rows, neg_img])
-  regions, region_mask = data.region_features(img)
+  regions, region_mask = region_leaves(data, img, lazy)
   return {"token_ids": data.token_ids[txt], "text_mask": data.text_mask[txt],
           "regions": regions, "region_mask": region_mask,
           "labels": np.concatenate([np.ones(b, np.int32), np.zeros(b, np.int32)])}
 
 
 def ce_group_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generator,
-                   group: int, num_confusers: int = 0) -> dict[str, np.ndarray]:
+                   group: int, num_confusers: int = 0,
+                   lazy: bool = False) -> dict[str, np.ndarray]:
   """B*G pairs for a listwise CE loss: caption b with its image first, then G-1 negative images.
 
   Negatives: `num_confusers` of the image's known confusers (without replacement), then random
@@ -177,7 +216,7 @@ def ce_group_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generat
         r = rng.integers(data.num_images)
       cand[i, j] = r
   txt = np.repeat(rows, group)
-  regions, region_mask = data.region_features(cand.reshape(-1))
+  regions, region_mask = region_leaves(data, cand.reshape(-1), lazy)
   return {"token_ids": data.token_ids[txt], "text_mask": data.text_mask[txt],
           "regions": regions, "region_mask": region_mask}
 
@@ -185,22 +224,23 @@ def ce_group_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generat
 def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int,
                 mined: dict | None = None, hard_prob: float = 0.0,
                 confuser_prob: float = 0.0, ce_group: dict | None = None,
-                num_be_negatives: int = 0) -> dict:
+                num_be_negatives: int = 0, lazy: bool = False) -> dict:
   """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}.
 
   `ce_group` = dict(captions=, size=, confusers=) switches the CE batch to `ce_group_batch`
   over the first `captions` captions of the step. `num_be_negatives` > 0 adds that many
   (mined, else random) negative images per caption to the BE batch (`be_negatives`).
+  `lazy`: region features as `LazyRows`, read per device slice by `sharding.shard_batch`.
   """
   rows = caption_rows(data.num_texts, batch_size, seed, step)
   out = {}
   if mode != "ce":
     negatives = (be_negatives(data, rows, _rng(seed, 3, step), num_be_negatives, mined)
                  if num_be_negatives else None)
-    out["be"] = be_batch(data, rows, negatives)
+    out["be"] = be_batch(data, rows, negatives, lazy)
   if mode != "be" and ce_group:
     out["ce"] = ce_group_batch(data, rows[:ce_group["captions"]], _rng(seed, 1, step),
-                               ce_group["size"], ce_group["confusers"])
+                               ce_group["size"], ce_group["confusers"], lazy)
   elif mode != "be":
-    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step), mined, hard_prob, confuser_prob)
+    out["ce"] = ce_batch(data, rows, _rng(seed, 1, step), mined, hard_prob, confuser_prob, lazy)
   return out
