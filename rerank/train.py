@@ -94,8 +94,9 @@ def main(argv):
   if hn.get("be_negatives", 0) and config.mode == "ce":
     cli.fail("config.hard_negatives.be_negatives: needs a bi-encoder; found mode='ce'")
 
-  if config.loss.ce not in ("pairwise", "listwise"):
-    cli.fail(f"config.loss.ce: expected 'pairwise' or 'listwise'; found {config.loss.ce!r}")
+  ce_loss_name = config.loss.get("ce", "pairwise")
+  if ce_loss_name not in ("pairwise", "listwise"):
+    cli.fail(f"config.loss.ce: expected 'pairwise' or 'listwise'; found {ce_loss_name!r}")
   workdir = cli.make_workdir(_WORKDIR.value)
   is_main = distributed.is_main()
   log = distributed.log
@@ -183,7 +184,7 @@ def main(argv):
   writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main)
   total = config.total_steps
   mined = None
-  ce_group = dict(config.loss.ce_group) if config.loss.ce == "listwise" else None
+  ce_group = dict(config.loss.ce_group) if ce_loss_name == "listwise" else None
   t_last, s_last = time.perf_counter(), start
   for step in range(start + 1, total + 1):
     if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0 or mined is None):
@@ -195,7 +196,7 @@ def main(argv):
       log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
           f"({time.perf_counter() - t0:.1f}s)")
     batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
-                                mined, hn.ce_prob, hn.confuser_prob, ce_group,
+                                mined, hn.ce_prob, hn.get("confuser_prob", 0.0), ce_group,
                                 hn.get("be_negatives", 0), lazy=True)
     # Rows and negatives are chosen for the global batch on every process alike; each process
     # reads region features for its own devices' rows only.
