@@ -105,6 +105,7 @@ class Row:
   config: str  # path relative to the repository, with its arguments
   method: str  # BE, CE or RR in results.json
   reference_t2i: tuple[float, float, float] | None = None  # authors' image retrieval R@1/5/10
+  k: int | None = None  # the rerank depth the run must report (k ablation)
 
 
 def _rows(dataset, split_arg, refs):
@@ -117,6 +118,11 @@ def _rows(dataset, split_arg, refs):
   return out
 
 
+def _k_rows(dataset):
+  return [Row(f"k{k} RR", f"configs/paper/{dataset}_joint.py:k={k}", "RR", k=k)
+          for k in (10, 20, 50, 100)]
+
+
 # Reference numbers: authors' README, Joint model, image retrieval (t2i) R@1/R@5/R@10.
 TABLES = {
     "flickr30k": ("Flickr30k test (1k images, 5k captions), OSCAR",
@@ -127,4 +133,7 @@ TABLES = {
                                   ("joint", "RR"): (54.7, 81.3, 88.9)})),
     "coco1k": ("MSCOCO 1k test (the authors' single fold), OSCAR", _rows("coco", "test1k", {})),
     "coco5x1k": ("MSCOCO 1k test, mean over 5 folds, OSCAR", _rows("coco", "test@5x1k", {})),
+    # k ablation: one joint workdir re-evaluated with --config.eval.k=K (docs/REPRODUCE.md).
+    "flickr30k_k": ("Flickr30k test, Joint RR by rerank depth k", _k_rows("flickr30k")),
+    "coco5k_k": ("MSCOCO 5k test, Joint RR by rerank depth k", _k_rows("coco")),
 }

@@ -85,6 +85,10 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
     found = None
     if results is not None:
       found = next((r for r in results["rows"] if r.get("method") == row.method), None)
+      if found is not None and row.k is not None and found.get("k") != row.k:
+        raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} reranked "
+                         f"k={found.get('k')}; row needs k={row.k} "
+                         f"(python -m rerank.evaluate ... --config.eval.k={row.k})")
     out.append({"row": row, "metrics": found,
                 "split": results.get("split") if results else None,
                 "source": results["_source"] if results else None})

@@ -179,3 +179,12 @@ def test_runlocal_variant_trains(tmp_path, name):
   assert r.returncode == 0, r.stderr[-2000:]
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["rows"], results
+
+
+def test_k_ablation_rows_check_the_rerank_depth(tmp_path):
+  run = _results("flickr30k_butd", "test", [("BE", 70.0), ("RR", 76.0)])  # fixture RR has k=20
+  k20 = reproduce.load_run(_write(tmp_path, "k20", run))
+  rows = reproduce.collect("flickr30k_k", {"k20": k20})
+  assert [r["metrics"] is not None for r in rows] == [False, True, False, False]
+  with pytest.raises(ValueError, match="row needs k=50"):
+    reproduce.collect("flickr30k_k", {"k50": k20})
