@@ -39,7 +39,10 @@ def _define_flags():
 
 def table_split(table: str) -> str:
   """The evaluation split a table's runs must report (from its rows' config arguments)."""
-  config = paper_configs.TABLES[table][1][0].config
+  row = paper_configs.TABLES[table][1][0]
+  if row.eval_split:
+    return row.eval_split
+  config = row.config
   _, _, arg = config.partition(":split=")
   return arg or paper_configs.DATASETS[os.path.basename(config).split("_")[0]][1]
 
@@ -70,7 +73,8 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
   if unknown:
     raise ValueError(f"--workdirs: unknown row key(s) {unknown}; expected some of {sorted(keys)}")
   split = table_split(table)
-  dataset = paper_configs.DATASETS[os.path.basename(rows[0].config).split("_")[0]][0]
+  dataset = (rows[0].eval_dataset
+             or paper_configs.DATASETS[os.path.basename(rows[0].config).split("_")[0]][0])
   for key, results in runs.items():
     if results.get("dataset") != dataset:
       raise ValueError(f"--workdirs {key}: {results['_source']} is a run on dataset "
@@ -132,7 +136,9 @@ def list_tables() -> str:
     for r in rows:
       ref = ("  ref t2i " + "/".join(f"{x:.1f}" for x in r.reference_t2i)
              if r.reference_t2i else "")
-      out.append(f"  {r.label:<16} {r.config}{ref}")
+      where = (f"  evaluated on {r.eval_dataset or 'its dataset'} / {r.eval_split or 'its split'}"
+               if r.eval_dataset or r.eval_split else "")
+      out.append(f"  {r.label:<16} {r.config}{where}{ref}")
   return "\n".join(out) + "\n"
 
 

@@ -188,3 +188,12 @@ def test_k_ablation_rows_check_the_rerank_depth(tmp_path):
   assert [r["metrics"] is not None for r in rows] == [False, True, False, False]
   with pytest.raises(ValueError, match="row needs k=50"):
     reproduce.collect("flickr30k_k", {"k50": k20})
+
+
+def test_transfer_tables_expect_the_target_dataset_and_split(tmp_path):
+  coco_run_on_flickr = reproduce.load_run(
+      _write(tmp_path, "z", _results("flickr30k_butd", "test", [("BE", 50.0), ("RR", 55.0)])))
+  rows = reproduce.collect("zeroshot_coco_to_flickr30k", {"joint": coco_run_on_flickr})
+  assert [r["metrics"]["t2i"]["R@1"] for r in rows] == [50.0, 55.0]
+  with pytest.raises(ValueError, match=paper_configs.ENLARGED_FLICKR.replace("+", r"\+")):
+    reproduce.collect("flickr30k_enlarged", {"joint": coco_run_on_flickr})
