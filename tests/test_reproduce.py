@@ -111,7 +111,8 @@ def _write(tmp_path, name, results):
 
 
 def test_reproduce_renders_missing_runs_and_reference_differences(tmp_path):
-  joint = _write(tmp_path, "joint", _results("flickr30k_butd", "test", [("BE", 70.0), ("RR", 77.0)]))
+  joint = _write(tmp_path, "joint",
+                 _results("flickr30k_butd", "test", [("BE", 70.0), ("RR", 77.0)]))
   be = _write(tmp_path, "be", _results("flickr30k_butd", "test", [("BE", 60.0)]))
   runs = {"joint": reproduce.load_run(joint), "be": reproduce.load_run(be)}
   md, table_csv = reproduce.render("flickr30k", reproduce.collect("flickr30k", runs))

@@ -1,6 +1,8 @@
-r"""Paper row: Flickr30k, OSCAR base, Joint + ANCE hard negatives (top-50 of the current BE re-mined every 1k steps, 7 BE negatives, CE p=0.05), lr 2e-5, 15 epochs x 1k steps.
+r"""Paper row: Flickr30k, OSCAR base, Joint + ANCE hard negatives (top-50 of the current BE re-mined
+every 1k steps, 7 BE negatives, CE p=0.05), lr 2e-5, 15 epochs x 1k steps.
 
-Tables: flickr30k (python -m rerank.reproduce --list). Evaluation: test (1,000 images / 5,000 captions); methods BE, RR.
+Tables: flickr30k (python -m rerank.reproduce --list). Evaluation: test (1,000 images / 5,000
+captions); methods BE, RR.
 Hyperparameters: shared/DESIGN.md section 2 (batch 128, text 70+2, 50 regions, AdamW eps 1e-6,
 wd 0.05, no warmup, linear decay, clip 1.0, VSE++ margin 0.1, seed 123456789, bf16).
 
@@ -10,14 +12,17 @@ checkpoints/oscar-base-ir (python -m rerank.convert on OSCAR's base image-retrie
 Other places: `:data_dir=DIR,init_from=DIR` after the config path.
 
 Single GPU:
-  python -m rerank.train --config=configs/paper/flickr30k_joint_ance.py --workdir=workdirs/flickr30k_joint_ance
+  python -m rerank.train --config=configs/paper/flickr30k_joint_ance.py \
+      --workdir=workdirs/flickr30k_joint_ance
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
       --config=configs/paper/flickr30k_joint_ance.py --workdir=/shared/workdirs/flickr30k_joint_ance
 Smoke run (synthetic_scenes, tiny model, 2 steps):
-  python -m rerank.train --config=configs/paper/flickr30k_joint_ance.py:runlocal --workdir=/tmp/flickr30k_joint_ance
+  python -m rerank.train --config=configs/paper/flickr30k_joint_ance.py:runlocal \
+      --workdir=/tmp/flickr30k_joint_ance
 
-Reference: none published in the authors' README for this row (the paper's tables: see docs/REPRODUCE.md).
+Reference: none published in the authors' README for this row (the paper's own table
+cells are not transcribed here yet).
 """
 
 from rerank import paper_configs
