@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 METRICS = [("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"),
            ("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10")]
 COLUMNS = ["row", "method", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
-           "mR", "s/query", "ref t2i R@1/5/10", "diff t2i R@1/5/10", "split", "source"]
+           "mR", "s/query", "reference", "difference", "split", "source"]
 
 
 def _define_flags():
@@ -89,6 +89,10 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
     found = None
     if results is not None:
       found = next((r for r in results["rows"] if r.get("method") == row.method), None)
+      if row.language and results.get("language") != row.language:
+        raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} has queries in "
+                         f"language {results.get('language')!r}; row needs {row.language!r} "
+                         f"(rerank.evaluate ... --config.dataset.language={row.language})")
       if found is not None and row.k is not None and found.get("k") != row.k:
         raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} reranked "
                          f"k={found.get('k')}; row needs k={row.k} "
@@ -112,11 +116,14 @@ def render(table: str, collected: list[dict]) -> tuple[str, str]:
     ref = row.reference_t2i
     diff = None
     if ref and m:
-      diff = "/".join(f"{values[i] - ref[i]:+.1f}" for i in range(3))
+      diff = "t2i " + "/".join(f"{values[i] - ref[i]:+.1f}" for i in range(3))
+    ref_text = "t2i " + "/".join(f"{x:.1f}" for x in ref) if ref else None
+    if row.reference_mr is not None:
+      ref_text = f"mR {row.reference_mr:.1f}"
+      diff = f"mR {m['mR'] - row.reference_mr:+.1f}" if m else None
     lines.append([row.label.split()[0], row.method, *[_fmt(v) for v in values],
                   _fmt(m["mR"] if m else None), _fmt(m["seconds_per_query"] if m else None, ".2e"),
-                  "/".join(f"{x:.1f}" for x in ref) if ref else "-",
-                  diff if diff else ("missing" if ref else "-"),
+                  ref_text or "-", diff if diff else ("missing" if ref_text else "-"),
                   entry["split"] or "missing", entry["source"] or "missing"])
   title = paper_configs.TABLES[table][0]
   md = [f"{title} (table {table}, split {table_split(table)})", "",
@@ -136,6 +143,7 @@ def list_tables() -> str:
     for r in rows:
       ref = ("  ref t2i " + "/".join(f"{x:.1f}" for x in r.reference_t2i)
              if r.reference_t2i else "")
+      ref += f"  ref mR {r.reference_mr:.1f}" if r.reference_mr is not None else ""
       where = (f"  evaluated on {r.eval_dataset or 'its dataset'} / {r.eval_split or 'its split'}"
                if r.eval_dataset or r.eval_split else "")
       out.append(f"  {r.label:<16} {r.config}{where}{ref}")

@@ -37,7 +37,7 @@ def _leaves(d, prefix=""):
 
 def test_every_method_and_dataset_has_a_config():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
-  expected = {f"{d}_{m}" for d in paper_configs.DATASETS for m in paper_configs.METHODS}
+  expected = {f"{d}_{m}" for d, methods in paper_configs.DATASET_METHODS.items() for m in methods}
   assert names == expected
   for _, (_, rows) in paper_configs.TABLES.items():
     for row in rows:
@@ -62,7 +62,11 @@ def test_config_validates(path):
   dataset, method = os.path.basename(path)[:-3].split("_", 1)
   mode, lr, steps, ance = paper_configs.METHODS[method]
   assert (c.mode, c.lr, c.total_steps) == (mode, lr, steps)
-  assert (c.seed, c.batch_size, c.max_text_len, c.max_regions) == (123456789, 128, 72, 50)
+  m3p = dataset == "multi30k"
+  assert (c.seed, c.batch_size, c.max_regions) == (123456789, 128, 50)
+  assert c.max_text_len == (128 if m3p else 72)
+  assert (c.model.visual, c.model.order) == (("m3p", "image_first") if m3p else
+                                             ("oscar", "text_first"))
   assert (c.warmup_steps, c.weight_decay, c.adam_eps, c.clip_norm) == (0, 0.05, 1e-6, 1.0)
   assert (c.loss.be, c.loss.margin, c.loss.ce) == ("vsepp", 0.1, "pairwise")
   assert c.eval.k == c.search.k == 20
@@ -120,9 +124,9 @@ def test_reproduce_renders_missing_runs_and_reference_differences(tmp_path):
   assert len(rows) == len(paper_configs.TABLES["flickr30k"][1])
   assert rows[("joint", "RR")]["t2i R@1"] == "77.0"
   assert rows[("joint", "RR")]["i2t R@10"] == "93.0"
-  assert rows[("joint", "RR")]["ref t2i R@1/5/10"] == "76.4/93.6/96.2"
-  assert rows[("joint", "RR")]["diff t2i R@1/5/10"] == "+0.6/-6.6/-4.2"
-  assert rows[("joint", "BE")]["diff t2i R@1/5/10"] == "-1.6/-11.5/-10.0"
+  assert rows[("joint", "RR")]["reference"] == "t2i 76.4/93.6/96.2"
+  assert rows[("joint", "RR")]["difference"] == "t2i +0.6/-6.6/-4.2"
+  assert rows[("joint", "BE")]["difference"] == "t2i -1.6/-11.5/-10.0"
   assert rows[("be", "BE")]["mR"] == f"{(60 + 70 + 75 + 61 + 71 + 76) / 6:.1f}"
   assert float(rows[("be", "BE")]["s/query"]) == pytest.approx(0.002)
   for key in (("ce", "CE"), ("separate", "RR"), ("joint_ance", "BE")):  # no run: no numbers
@@ -198,3 +202,17 @@ def test_transfer_tables_expect_the_target_dataset_and_split(tmp_path):
   assert [r["metrics"]["t2i"]["R@1"] for r in rows] == [50.0, 55.0]
   with pytest.raises(ValueError, match=paper_configs.ENLARGED_FLICKR.replace("+", r"\+")):
     reproduce.collect("flickr30k_enlarged", {"joint": coco_run_on_flickr})
+
+
+def test_multi30k_rows_check_language_and_compare_mr(tmp_path):
+  run = _results("multi30k", "test_2016", [("BE", 60.0), ("RR", 70.0)])
+  run["language"] = "de"
+  de = reproduce.load_run(_write(tmp_path, "de", run))
+  _, table_csv = reproduce.render("multi30k", reproduce.collect("multi30k", {"de": de}))
+  rows = {(r["row"], r["method"]): r for r in csv.DictReader(io.StringIO(table_csv))}
+  mr = (70 + 80 + 85 + 71 + 81 + 86) / 6
+  assert rows[("de", "RR")]["reference"] == "mR 79.2"
+  assert rows[("de", "RR")]["difference"] == f"mR {mr - 79.2:+.1f}"
+  assert rows[("en", "RR")]["mR"] == "missing" and rows[("en", "RR")]["difference"] == "missing"
+  with pytest.raises(ValueError, match="row needs 'en'"):
+    reproduce.collect("multi30k", {"en": de})
