@@ -153,5 +153,8 @@ def results(config, spec: str, tokenizer, load_split, evaluate_fn, scorer, log=p
   else:
     protocol = "single split"
     rows = per_set[0]
-  return {"dataset": config.dataset.name, "split": spec, "protocol": protocol,
-          "num_images": first.data.num_images, "num_texts": first.data.num_texts, "rows": rows}
+  out = {"dataset": config.dataset.name, "split": spec, "protocol": protocol,
+         "num_images": first.data.num_images, "num_texts": first.data.num_texts, "rows": rows}
+  if config.dataset.get("language"):  # Multi30k: which language's captions were the queries
+    out["language"] = config.dataset.language
+  return out

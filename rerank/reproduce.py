@@ -1,0 +1,190 @@
+r"""`python -m rerank.reproduce`: the paper's tables from trained workdirs.
+
+  python -m rerank.reproduce --list
+  python -m rerank.reproduce --table=flickr30k \
+      --workdirs=be=workdirs/flickr30k_be,joint=workdirs/flickr30k_joint [--out=tables/flickr30k]
+
+`--workdirs` maps a row's config key (be, ce, separate, joint, joint_ance) to a workdir holding
+results.json, or to a results JSON file (COCO 1k and 5k come from one trained workdir
+evaluated twice; see docs/REPRODUCE.md). Rows without a run, or whose run lacks the method,
+are printed as "missing". With `--out=PREFIX`, PREFIX.md and PREFIX.csv are written
+atomically; without it the markdown goes to stdout.
+"""
+
+import csv
+import io
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from rerank import cli
+from rerank import paper_configs
+
+FLAGS = flags.FLAGS
+METRICS = [("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"),
+           ("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10")]
+COLUMNS = ["row", "method", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
+           "mR", "s/query", "reference", "difference", "split", "source"]
+
+
+def _define_flags():
+  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+  flags.DEFINE_bool("list", False, "Print the tables and their rows, then exit.")
+  flags.DEFINE_string("table", None, f"Table to build: one of {sorted(paper_configs.TABLES)}.")
+  flags.DEFINE_list("workdirs", [], "KEY=PATH pairs: row config key -> workdir or results JSON.")
+  flags.DEFINE_string("out", None, "Write PREFIX.md and PREFIX.csv instead of printing.")
+
+
+def table_split(table: str) -> str:
+  """The evaluation split a table's runs must report (from its rows' config arguments)."""
+  row = paper_configs.TABLES[table][1][0]
+  if row.eval_split:
+    return row.eval_split
+  config = row.config
+  _, _, arg = config.partition(":split=")
+  return arg or paper_configs.DATASETS[os.path.basename(config).split("_")[0]][1]
+
+
+def load_run(path: str) -> dict:
+  """results.json of a workdir, or a results JSON file; errors name the file and the problem."""
+  file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+  try:
+    with open(file) as f:
+      results = json.load(f)
+  except OSError as e:
+    raise ValueError(f"{file}: cannot read ({e.strerror or e})") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: not valid JSON ({e})") from None
+  if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+    raise ValueError(f"{file}: expected a results.json object with a 'rows' list")
+  results["_source"] = file
+  return results
+
+
+def collect(table: str, runs: dict[str, dict]) -> list[dict]:
+  """One dict per table row: the metrics of its method from its run, or None where missing."""
+  if table not in paper_configs.TABLES:
+    raise ValueError(f"--table: expected one of {sorted(paper_configs.TABLES)}; found {table!r}")
+  rows = paper_configs.TABLES[table][1]
+  keys = {r.label.split()[0] for r in rows}
+  unknown = sorted(set(runs) - keys)
+  if unknown:
+    raise ValueError(f"--workdirs: unknown row key(s) {unknown}; expected some of {sorted(keys)}")
+  split = table_split(table)
+  dataset = (rows[0].eval_dataset
+             or paper_configs.DATASETS[os.path.basename(rows[0].config).split("_")[0]][0])
+  for key, results in runs.items():
+    if results.get("dataset") != dataset:
+      raise ValueError(f"--workdirs {key}: {results['_source']} is a run on dataset "
+                       f"{results.get('dataset')!r}; table {table} needs {dataset!r}")
+    if results.get("split") != split:
+      raise ValueError(f"--workdirs {key}: {results['_source']} was evaluated on split "
+                       f"{results.get('split')!r}; table {table} needs {split!r} "
+                       f"(python -m rerank.evaluate ... --config.eval.split={split})")
+  out = []
+  for row in rows:
+    results = runs.get(row.label.split()[0])
+    found = None
+    if results is not None:
+      found = next((r for r in results["rows"] if r.get("method") == row.method), None)
+      if row.language and results.get("language") != row.language:
+        raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} has queries in "
+                         f"language {results.get('language')!r}; row needs {row.language!r} "
+                         f"(rerank.evaluate ... --config.dataset.language={row.language})")
+      if found is not None and row.k is not None and found.get("k") != row.k:
+        raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} reranked "
+                         f"k={found.get('k')}; row needs k={row.k} "
+                         f"(python -m rerank.evaluate ... --config.eval.k={row.k})")
+    out.append({"row": row, "metrics": found,
+                "split": results.get("split") if results else None,
+                "source": results["_source"] if results else None})
+  return out
+
+
+def _fmt(x, spec=".1f"):
+  return "missing" if x is None else format(x, spec)
+
+
+def render(table: str, collected: list[dict]) -> tuple[str, str]:
+  """(markdown, csv) of a collected table; missing numbers are the word "missing"."""
+  lines = []
+  for entry in collected:
+    row, m = entry["row"], entry["metrics"]
+    values = [m[d][k] if m else None for d, k in METRICS]
+    ref = row.reference_t2i
+    diff = None
+    if ref and m:
+      diff = "t2i " + "/".join(f"{values[i] - ref[i]:+.1f}" for i in range(3))
+    ref_text = "t2i " + "/".join(f"{x:.1f}" for x in ref) if ref else None
+    if row.reference_mr is not None:
+      ref_text = f"mR {row.reference_mr:.1f}"
+      diff = f"mR {m['mR'] - row.reference_mr:+.1f}" if m else None
+    lines.append([row.label.split()[0], row.method, *[_fmt(v) for v in values],
+                  _fmt(m["mR"] if m else None), _fmt(m["seconds_per_query"] if m else None, ".2e"),
+                  ref_text or "-", diff if diff else ("missing" if ref_text else "-"),
+                  entry["split"] or "missing", entry["source"] or "missing"])
+  title = paper_configs.TABLES[table][0]
+  md = [f"{title} (table {table}, split {table_split(table)})", "",
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  md += ["| " + " | ".join(cells) + " |" for cells in lines]
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow(COLUMNS)
+  writer.writerows(lines)
+  return "\n".join(md) + "\n", buf.getvalue()
+
+
+def list_tables() -> str:
+  out = []
+  for name, (title, rows) in paper_configs.TABLES.items():
+    out.append(f"{name}: {title}")
+    for r in rows:
+      ref = ("  ref t2i " + "/".join(f"{x:.1f}" for x in r.reference_t2i)
+             if r.reference_t2i else "")
+      ref += f"  ref mR {r.reference_mr:.1f}" if r.reference_mr is not None else ""
+      where = (f"  evaluated on {r.eval_dataset or 'its dataset'} / {r.eval_split or 'its split'}"
+               if r.eval_dataset or r.eval_split else "")
+      out.append(f"  {r.label:<16} {r.config}{where}{ref}")
+  return "\n".join(out) + "\n"
+
+
+def _write_atomic(path: str, text: str):
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  del argv
+  if FLAGS.list:
+    print(list_tables(), end="")
+    return
+  if not FLAGS.table:
+    cli.fail(f"--table is required (one of {sorted(paper_configs.TABLES)}), or --list")
+  runs = {}
+  try:
+    for item in FLAGS.workdirs:
+      key, eq, path = item.partition("=")
+      if not eq or not key or not path:
+        raise ValueError(f"--workdirs: expected KEY=PATH (e.g. joint=workdirs/flickr30k_joint); "
+                         f"found {item!r}")
+      runs[key] = load_run(path)
+    md, table_csv = render(FLAGS.table, collect(FLAGS.table, runs))
+  except ValueError as e:
+    cli.fail(str(e))
+  if not FLAGS.out:
+    print(md, end="")
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  _write_atomic(FLAGS.out + ".md", md)
+  _write_atomic(FLAGS.out + ".csv", table_csv)
+  print(md, end="")
+  print(f"wrote {FLAGS.out}.md, {FLAGS.out}.csv")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)
