@@ -175,9 +175,8 @@ def test_reproduce_cli_lists_and_writes_atomically(tmp_path):
   assert not os.path.exists(f"{out}x.md")
 
 
-# One config per trainer code path (joint shares joint_ance's mode without mining).
-@pytest.mark.parametrize("name", ["flickr30k_be", "coco_ce", "flickr30k_separate",
-                                  "coco_joint_ance"])
+# Every paper config's runlocal variant trains, so a config that rots fails CI.
+@pytest.mark.parametrize("name", [os.path.basename(p)[:-3] for p in CONFIGS])
 def test_runlocal_variant_trains(tmp_path, name):
   r = _run("rerank.train", f"--config=configs/paper/{name}.py:runlocal",
            f"--workdir={tmp_path}", "--config.total_steps=2")
