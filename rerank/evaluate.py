@@ -267,7 +267,13 @@ def main(argv):
   results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split,
                               evaluate_fn, scorer, num_images=config.dataset.num_test_images or None)
   results["checkpoint"] = which
-  print("\n" + write_results(workdir, results))
+  out = _OUT.value or workdir
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    cli.fail(f"--out {out!r}: cannot create it ({e.strerror})")
+  print("\n" + write_results(out, results))
+  print(f"wrote {out}/results.json, results.md")
 
 
 if __name__ == "__main__":
@@ -279,4 +285,6 @@ if __name__ == "__main__":
   _CONFIG = cli.define_config_flag()
   _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
   _LATEST = flags.DEFINE_bool("latest", False, "Evaluate the newest checkpoint instead of the best.")
+  _OUT = flags.DEFINE_string("out", None, "Directory for results.json/results.md (default: the "
+                             "workdir). Keeps one copy per re-evaluation (other splits, k, ...).")
   app.run(main, flags_parser=cli.parse_flags)

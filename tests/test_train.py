@@ -135,6 +135,14 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
   r = _run("rerank.evaluate", cfg, f"--workdir={full}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "| joint | RR | 5 |" in r.stdout
+  # --out keeps a re-evaluation (here with k=3) apart from the workdir's results.json.
+  out = str(tmp_path / "k3")
+  r = _run("rerank.evaluate", cfg, f"--workdir={full}", f"--out={out}", "--config.eval.k=3")
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(out, "results.json")) as f:
+    assert json.load(f)["rows"][2]["k"] == 3
+  with open(os.path.join(full, "results.json")) as f:
+    assert json.load(f)["rows"][2]["k"] == 5
 
 
 @pytest.mark.parametrize("args,expected", [
