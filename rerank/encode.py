@@ -12,8 +12,6 @@ region is valid. Out: float32 [N, H], the masked mean over every valid output po
 From Python: `emb = encode.load(DIR); emb.texts(["a dog"]); emb.images(regions, mask)`.
 """
 
-import functools
-import json
 import os
 import sys
 
@@ -21,7 +19,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import tqdm
 
@@ -79,26 +76,14 @@ class Embedder:
 
 
 def _restore_workdir(path: str, batch_size: int):
-  from rerank import checkpoint  # pylint: disable=import-outside-toplevel
-  from rerank import steps  # pylint: disable=import-outside-toplevel
-  with open(os.path.join(path, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  tokenizer = datasets.get_tokenizer(config)
-  cls_id = tokenizer.token_to_id("[CLS]")
-  model = steps.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
-  tx = steps.optimizer(config)
-  abstract = jax.eval_shape(functools.partial(steps.init_train_state, model, config, tx),
-                            jax.random.PRNGKey(0))
-  ckpts = checkpoint.Checkpoints(path, keep=config.keep_checkpoints, async_save=False)
+  from rerank import retriever  # pylint: disable=import-outside-toplevel
   try:
-    params, which = ckpts.restore_params(abstract, prefer_best=True)
-  finally:
-    ckpts.close()
-  if params is None:
-    raise ValueError(f"{path}: a workdir without checkpoints (looked in checkpoints/ and best/)")
-  params = retrieval.be_params(params, config.mode)
-  return Embedder(model, params, tokenizer, config.max_text_len, config.max_regions, batch_size,
-                  f"workdir {path}, {which} parameters")
+    m = retriever.load_model(path)
+  except FileNotFoundError as e:
+    raise ValueError(str(e)) from e
+  params = retrieval.be_params(m.params, m.config.mode)
+  return Embedder(m.model, params, m.tokenizer, m.config.max_text_len, m.config.max_regions,
+                  batch_size, f"workdir {path}, {m.which} parameters")
 
 
 def load(path: str, batch_size: int = 64, max_text_len: int | None = None, max_regions: int = 50) -> Embedder:

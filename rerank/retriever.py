@@ -67,7 +67,8 @@ def load_model(workdir: str, prefer_best: bool = True) -> Model:
   with open(cfg_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   tokenizer = datasets.get_tokenizer(config)
-  model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+  cls_id = tokenizer.token_to_id("[CLS]")  # None for XLM-R: build_model uses init_from's
+  model = steps.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
   abstract = jax.eval_shape(functools.partial(
       steps.init_train_state, model, config, steps.optimizer(config)), jax.random.PRNGKey(0))
   ckpts = checkpoint.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
