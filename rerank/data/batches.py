@@ -83,7 +83,9 @@ def region_leaves(data: RetrievalData, img_rows: np.ndarray, lazy: bool):
   requested slice."""
   if not lazy:
     return data.region_features(img_rows)
-  probe, probe_mask = data.region_features(img_rows[:1])
+  if "_region_probe" not in data.__dict__:  # shapes/dtypes of one row, read once per split
+    object.__setattr__(data, "_region_probe", data.region_features(img_rows[:1]))
+  probe, probe_mask = data.__dict__["_region_probe"]
   last = {}
 
   def features(rows):  # the mask leaf asks for the same slice right after the regions leaf
