@@ -11,7 +11,6 @@ destination appears only when complete (written under a temporary name, then ren
 
 import dataclasses
 import os
-import shutil
 import time
 
 from absl import app
@@ -77,8 +76,7 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
   """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
   if family not in families.FAMILIES:
     raise load.ConvertError(f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
-  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-    raise load.ConvertError(f"--dst {dst!r} already exists; remove it or choose another directory")
+  load.check_destination(dst)
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   files = load.find_weights(src)
@@ -111,19 +109,7 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
           "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
           "tokenizer": tok_note, "report": {**report, "notes": spec.notes,
                                             "new_when_training": ["ce_head (2-way CE head)"]}}
-  # Build next to dst and rename, so dst never exists half-written.
-  parent, name = os.path.split(os.path.abspath(dst))
-  tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    os.makedirs(tmp)
-    load.save_converted(tmp, meta, params, tokenizer)
-    if os.path.isdir(dst):
-      os.rmdir(dst)  # empty (checked above)
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  load.write_converted(dst, meta, params, tokenizer)
   log(f"converted {family} checkpoint {weights} -> {dst} in {time.perf_counter() - t0:.1f}s")
   log(f"  encoder: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.num_heads} heads, "
       f"vocab {cfg.vocab_size}, visual={cfg.visual}, order={cfg.order}; tokenizer: {tok_note}")

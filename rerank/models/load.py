@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -271,17 +272,48 @@ def _group(keys: list[str]) -> dict[str, int]:
 
 
 def save_converted(dst_tmp: str, meta: dict, encoder_params, tokenizer) -> None:
-  """Writes a converted checkpoint into `dst_tmp` (the caller renames it into place)."""
+  """Writes a converted checkpoint into `dst_tmp` (the caller renames it into place).
+
+  `tokenizer`: a transformers tokenizer (its save_pretrained files) or a `tokenizers.Tokenizer`
+  (tokenizer.json alone); either way load_tokenizer reads DIR/tokenizer/tokenizer.json.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   # Uncompressed: compression buffers a second copy of every tensor while writing (measured).
   handler = ocp.PyTreeCheckpointHandler(use_compression=False)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(os.path.join(os.path.abspath(dst_tmp), "params"), args=ocp.args.PyTreeSave(
         {"encoder": encoder_params}))
-  tokenizer.save_pretrained(os.path.join(dst_tmp, "tokenizer"))
+  tok_dir = os.path.join(dst_tmp, "tokenizer")
+  if hasattr(tokenizer, "save_pretrained"):
+    tokenizer.save_pretrained(tok_dir)
+  else:
+    os.makedirs(tok_dir)
+    tokenizer.save(os.path.join(tok_dir, "tokenizer.json"))
   with open(os.path.join(dst_tmp, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
     f.write("\n")
+
+
+def check_destination(dst: str, flag: str = "--dst") -> None:
+  """Raises ConvertError unless `dst` is absent or an empty directory."""
+  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+    raise ConvertError(f"{flag} {dst!r} already exists; remove it or choose another directory")
+
+
+def write_converted(dst: str, meta: dict, encoder_params, tokenizer) -> None:
+  """save_converted into a temporary sibling of `dst`, then renamed: `dst` never exists half-written."""
+  parent, name = os.path.split(os.path.abspath(dst))
+  tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    os.makedirs(tmp)
+    save_converted(tmp, meta, encoder_params, tokenizer)
+    if os.path.isdir(dst):
+      os.rmdir(dst)  # empty (check_destination)
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def is_converted(path: str) -> bool:

@@ -1,0 +1,81 @@
+r"""Exports the encoder of a training workdir as a converted checkpoint, to start other runs from.
+
+  python -m rerank.export --workdir=DIR --dst=DIR [--which=best|last] [--part=ce|be]
+
+Writes the layout `rerank.convert` writes: DST/model.json (family "rerank", the encoder config,
+special token ids, which checkpoint of which workdir), DST/params (orbax, the encoder only) and
+DST/tokenizer/tokenizer.json. So `--config.init_from=DST` fine-tunes from it (a fresh CE head)
+and `python -m rerank.encode --checkpoint=DST` embeds with it. Heads are not exported. A
+`separate` workdir holds two encoders: `--part` picks one. The destination appears only when
+complete (written under a temporary name, then renamed).
+"""
+
+import dataclasses
+import os
+
+from absl import app
+from absl import flags
+
+from rerank import cli
+
+
+def export(workdir: str, dst: str, which: str = "best", part: str = "ce", log=print) -> dict:
+  """Writes `dst` from `workdir`'s best (else newest) or newest parameters; returns model.json's
+  content. Raises load.ConvertError (destination) or FileNotFoundError (workdir)."""
+  from rerank import retriever  # pylint: disable=import-outside-toplevel
+  from rerank.models import load  # pylint: disable=import-outside-toplevel
+  from rerank.models import retrieval  # pylint: disable=import-outside-toplevel
+  if which not in ("best", "last"):
+    raise ValueError(f"--which: expected best or last; found {which!r}")
+  if part not in ("ce", "be"):
+    raise ValueError(f"--part: expected ce or be; found {part!r}")
+  load.check_destination(dst)
+  loaded = retriever.load_model(workdir, prefer_best=which == "best")
+  mode = loaded.config.mode
+  pick = retrieval.ce_params if part == "ce" else retrieval.be_params
+  encoder = pick(loaded.params, mode)["encoder"]
+  tok, model = loaded.tokenizer, loaded.model
+  cls_token = tok.id_to_token(model.cls_token_id)
+  pad_id = tok.token_to_id("[PAD]")
+  meta = {"family": "rerank", "source": [os.path.abspath(workdir)], "checkpoint": loaded.which,
+          "mode": mode, "part": part if mode == "separate" else "shared",
+          "encoder": dataclasses.asdict(model.cfg), "vocab_size": model.cfg.vocab_size,
+          "cls_token": cls_token, "cls_token_id": model.cls_token_id,
+          "pad_token": "[PAD]" if pad_id is not None else None, "pad_token_id": pad_id,
+          "tokenizer": f"the workdir's ({loaded.config.dataset.name})",
+          "report": {"notes": [f"exported from {loaded.which} of a {mode} training run"],
+                     "new_when_training": ["ce_head (2-way CE head)"]}}
+  load.write_converted(dst, meta, encoder, tok)
+  log(f"exported the encoder of {workdir} ({loaded.which}, mode {mode}) -> {dst}")
+  return meta
+
+
+def _define_flags() -> dict:
+  """The CLI's flags, defined only when run as a script (see rerank/convert.py)."""
+  return dict(
+      workdir=flags.DEFINE_string("workdir", None, "Training workdir (python -m rerank.train --workdir)."),
+      dst=flags.DEFINE_string("dst", None, "Output directory (must not exist yet, or be empty)."),
+      which=flags.DEFINE_enum("which", "best", ["best", "last"],
+                              "best: the best dev checkpoint (else the newest); last: the newest."),
+      part=flags.DEFINE_enum("part", "ce", ["ce", "be"], "Which encoder of a `separate` run."),
+  )
+
+
+def main(argv, f):
+  del argv
+  cli.quiet_library_logs()
+  from rerank.models import load  # pylint: disable=import-outside-toplevel
+  for name in ("workdir", "dst"):
+    if not f[name].value:
+      cli.fail(f"--{name} is required")
+  try:
+    export(f["workdir"].value, f["dst"].value, f["which"].value, f["part"].value)
+  except (load.ConvertError, FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  except OSError as e:
+    cli.fail(f"cannot write {f['dst'].value!r}: {e}")
+
+
+if __name__ == "__main__":
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)

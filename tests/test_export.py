@@ -1,0 +1,98 @@
+"""rerank.export: a trained workdir's encoder as a converted checkpoint that init_from and encode read."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rerank import checkpoint
+from rerank import encode
+from rerank import export
+from rerank import steps
+from rerank.data import datasets
+from rerank.models import load
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import demo  # noqa: E402
+
+
+def _workdir(path, mode, seed=5, best_step=None):
+  """A runlocal workdir of `mode` with random parameters at step 3 (and optionally a best)."""
+  config = demo.get_config(f"runlocal,mode={mode}")
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  tok = datasets.get_tokenizer(config)
+  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  init = jax.jit(functools.partial(steps.init_train_state, model, config, steps.optimizer(config)))
+  state, other = init(jax.random.PRNGKey(seed)), init(jax.random.PRNGKey(seed + 1))
+  ckpts = checkpoint.Checkpoints(path, async_save=False)
+  ckpts.save(3, state)
+  if best_step is not None:
+    ckpts.save_best(best_step, other["params"], 1.0)
+  ckpts.wait()
+  ckpts.close()
+  return config, model, tok, state, other
+
+
+def _assert_same_tree(got, want):
+  flat = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  pairs = jax.tree_util.tree_flatten_with_path(want)[0]
+  assert len(flat) == len(pairs)
+  for path, leaf in pairs:
+    np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(leaf))
+
+
+def test_export_writes_the_encoder_that_init_from_and_encode_read(tmp_path):
+  config, model, tok, state, best = _workdir(str(tmp_path / "wd"), "joint_alternate", best_step=2)
+  dst = str(tmp_path / "out")
+  meta = export.export(str(tmp_path / "wd"), dst, "last", log=lambda *_: None)
+  assert meta["family"] == "rerank" and meta["checkpoint"] == "latest (step 3)"
+  assert load.is_converted(dst) and load.read_meta(dst) == json.loads(json.dumps(meta))
+  _assert_same_tree(load.load_encoder_params(dst), state["params"]["encoder"])
+  assert load.load_tokenizer(dst).get_vocab() == tok.get_vocab()
+  # The default picks the best checkpoint, whose parameters differ from the newest.
+  export.export(str(tmp_path / "wd"), str(tmp_path / "best"), log=lambda *_: None)
+  _assert_same_tree(load.load_encoder_params(str(tmp_path / "best")), best["params"]["encoder"])
+  # init_from builds the same architecture from it, and encode embeds with it as the model did.
+  again = demo.get_config("runlocal")
+  again.init_from = dst
+  rebuilt = steps.build_model(again, 0, 0)
+  assert rebuilt.cfg == model.cfg and rebuilt.cls_token_id == model.cls_token_id
+  texts = ["a red cube", "a small blue sphere left of a green torus"]
+  ids, mask = datasets.tokenize(tok, texts, config.max_text_len)
+  want = model.apply({"params": state["params"]}, ids, mask, method=model.embed_text)
+  np.testing.assert_allclose(encode.load(dst).texts(texts), np.asarray(want), atol=1e-5)
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_export_of_a_separate_run_picks_the_part(tmp_path):
+  _, _, _, state, _ = _workdir(str(tmp_path / "wd"), "separate")
+  for part in ("be", "ce"):
+    export.export(str(tmp_path / "wd"), str(tmp_path / part), "last", part, log=lambda *_: None)
+    _assert_same_tree(load.load_encoder_params(str(tmp_path / part)), state["params"][part]["encoder"])
+  with pytest.raises(ValueError, match="--part"):
+    export.export(str(tmp_path / "wd"), str(tmp_path / "x"), "last", "both")
+
+
+def test_export_cli_errors(tmp_path):
+  _workdir(str(tmp_path / "wd"), "be")
+  (tmp_path / "taken").mkdir()
+  (tmp_path / "taken" / "f").write_text("x")
+  env = {**os.environ, "PYTHONPATH": REPO}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "rerank.export", *a],  # noqa: E731
+                                  capture_output=True, text=True, cwd=REPO, env=env)
+  taken = run(f"--workdir={tmp_path / 'wd'}", f"--dst={tmp_path / 'taken'}")
+  assert taken.returncode != 0 and "already exists" in taken.stderr
+  missing = run(f"--workdir={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'o'}")
+  assert missing.returncode != 0 and "config.json: not found" in missing.stderr
+  assert not (tmp_path / "o").exists()
+  ok = run(f"--workdir={tmp_path / 'wd'}", f"--dst={tmp_path / 'o'}")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "exported the encoder" in ok.stdout and load.is_converted(str(tmp_path / "o"))
