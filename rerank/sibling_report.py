@@ -6,7 +6,7 @@ image's siblings. Per kind of edit between the two images, this prints the fract
 (caption, sibling) pairs where the BE cosine and the CE score rank the caption's own image
 first: where the CE should beat a mean-pooled BE, and whether it does.
 
-  python -m rerank.sibling_report --workdir=DIR [--split=test]
+  python -m rerank.sibling_report --workdir=DIR [--split=test] [--which=best|last]
 """
 
 from absl import app
@@ -67,7 +67,7 @@ def main(argv):
   from rerank.data import datasets, synthetic_scenes  # noqa: PLC0415
   from rerank.models import retrieval  # noqa: PLC0415
   try:
-    m = retriever.load_model(FLAGS.workdir)
+    m = retriever.load_model(FLAGS.workdir, prefer_best=FLAGS.which == "best")
   except (FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   cfg, ds = m.config, m.config.dataset
@@ -95,6 +95,8 @@ def _define_flags():
   """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
   flags.DEFINE_string("workdir", None, "A training workdir on synthetic_scenes.")
   flags.DEFINE_string("split", "test", "Split to measure on (train, dev or test).")
+  flags.DEFINE_enum("which", "best", ["best", "last"],
+                    "best: the best dev checkpoint (else the newest); last: the newest.")
 
 
 if __name__ == "__main__":
