@@ -11,7 +11,6 @@ complete (written under a temporary name, then renamed).
 """
 
 import dataclasses
-import os
 
 from absl import app
 from absl import flags
@@ -37,7 +36,7 @@ def export(workdir: str, dst: str, which: str = "best", part: str = "ce", log=pr
   tok, model = loaded.tokenizer, loaded.model
   cls_token = tok.id_to_token(model.cls_token_id)
   pad_id = tok.token_to_id("[PAD]")
-  meta = {"family": "rerank", "source": [os.path.abspath(workdir)], "checkpoint": loaded.which,
+  meta = {"family": "rerank", "source": [workdir], "checkpoint": loaded.which,
           "mode": mode, "part": part if mode == "separate" else "shared",
           "encoder": dataclasses.asdict(model.cfg), "vocab_size": model.cfg.vocab_size,
           "cls_token": cls_token, "cls_token_id": model.cls_token_id,

@@ -96,3 +96,23 @@ def test_export_cli_errors(tmp_path):
   ok = run(f"--workdir={tmp_path / 'wd'}", f"--dst={tmp_path / 'o'}")
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "exported the encoder" in ok.stdout and load.is_converted(str(tmp_path / "o"))
+
+
+def test_the_demo_starts_from_the_shipped_pretrained_checkpoint():
+  config = demo.get_config()
+  assert config.init_from == demo.PRETRAINED and load.is_converted(config.init_from)
+  meta = load.read_meta(config.init_from)
+  assert meta["family"] == "rerank" and meta["mode"] == "joint_alternate"
+  # Its tokenizer is synthetic_scenes' own, and its encoder fits the model the demo builds.
+  scenes_tok = datasets.TOKENIZERS["synthetic_scenes"]()
+  assert datasets.get_tokenizer(config).get_vocab() == scenes_tok.get_vocab()
+  model = steps.build_model(config, 0, 0)
+  assert model.cls_token_id == scenes_tok.token_to_id("[CLS]")
+  state = jax.eval_shape(functools.partial(steps.init_train_state, model, config, steps.optimizer(config)),
+                         jax.random.PRNGKey(0))
+  params = steps.with_pretrained_encoder(state["params"], load.load_encoder_params(config.init_from), config.mode)
+  assert np.isfinite(np.asarray(params["encoder"]["pooler"]["kernel"])).all()
+  # From random weights: `scratch`, `runlocal`, `pretrain` (which made it) and other sizes.
+  for arg in ("scratch", "runlocal", "pretrain", "size=small"):
+    assert demo.get_config(arg).init_from == ""
+  assert demo.get_config("pretrain").dataset.seed != config.dataset.seed
