@@ -20,7 +20,8 @@ from rerank import cli
 
 def export(workdir: str, dst: str, which: str = "best", part: str = "ce", log=print) -> dict:
   """Writes `dst` from `workdir`'s best (else newest) or newest parameters; returns model.json's
-  content. Raises load.ConvertError (destination) or FileNotFoundError (workdir)."""
+  content. Raises load.ConvertError (destination), FileNotFoundError (workdir) or ValueError
+  (an unknown `which` or `part`)."""
   from rerank import retriever  # pylint: disable=import-outside-toplevel
   from rerank.models import load  # pylint: disable=import-outside-toplevel
   from rerank.models import retrieval  # pylint: disable=import-outside-toplevel
