@@ -108,7 +108,7 @@ def get_config(arg=None):
 
   # eval.index: the BE first stage, "exact" (brute force), "scann", "jax" (on-device top-k)
   # or "auto" (exact up to index.exact_max items, else ScaNN).
-  c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=20,
+  c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=50,
                 rr_queries_t2i=0, rr_queries_i2t=0, use_best=True, index="exact")  # 0 = all queries
   if arg.pretrain:
     c.eval.update(ce_queries_t2i=30, ce_queries_i2t=6)

@@ -177,6 +177,27 @@ def test_captions_true_of_own_image_and_false_of_siblings(kwargs):
         assert not ss.facts_hold(facts, s.attributes[sib], s.boxes[sib]), (caption, sib)
 
 
+def _images_true_of(s, caption):
+  facts = ss.parse_caption(caption)
+  return [i for i in range(s.num_images) if ss.facts_hold(facts, s.attributes[i], s.boxes[i])]
+
+
+def test_eval_captions_have_one_correct_image_in_the_split():
+  s = ss.generate("test", num_images=200)
+  for t, caption in enumerate(s.captions):
+    row = s.caption_image[t]
+    for other in set(_images_true_of(s, caption)) - {row}:
+      # only when no caption can tell them apart: every object of row's scene is in other's
+      mine = s.attributes[row, :s.num_regions[row]].tolist()
+      theirs = s.attributes[other, :s.num_regions[other]].tolist()
+      assert all(o in theirs for o in mine), (caption, row, other)
+  # family-only captions (the train split's default) are often true of other images
+  for family_only in (ss.generate("test", num_images=200, unique_captions=False),
+                      ss.generate("train", num_images=200)):
+    shared = sum(len(_images_true_of(family_only, c)) > 1 for c in family_only.captions)
+    assert shared > 50, shared
+
+
 def test_family_variants_are_near_identical():
   s = ss.generate("test", num_images=80, noise_std=0.0)
   feats, mask = s.region_features(np.arange(80))

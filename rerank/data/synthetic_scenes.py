@@ -35,9 +35,13 @@ Generative process (deterministic given ``(split, seed)``)
    sphere.", "a red cube left of a blue sphere, and a green torus above the cube.", "a red
    cube, a blue sphere and a green torus; the cube is left of the sphere and ...". A caption
    is kept only if true of its image and false of every sibling in its family (true: distinct
-   objects match the descriptions and all relations hold, see ``facts_hold``). After 40 failed
-   samples the fewest fully described objects whose relations discriminate are used, with
-   redundant relations and optional attributes greedily dropped. Sampled captions have at most
+   objects match the descriptions and all relations hold, see ``facts_hold``); in dev and test
+   (``unique_captions``), false of every other image of the split, so each caption has exactly
+   one correct image (short captions like "a black torus." are otherwise true of dozens). After
+   40 failed samples the fewest fully described objects whose relations discriminate are used,
+   with redundant relations and optional attributes greedily dropped. A scene whose objects
+   and relations all recur in a larger scene of the split has no such caption (2 of the 1,000
+   test images): it keeps the fully described one. Sampled captions have at most
    ``MAX_TOKENS`` words + punctuation marks; lowercase words and ``, ; .`` only (see
    ``vocabulary``).
 
@@ -46,6 +50,7 @@ Generative process (deterministic given ``(split, seed)``)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -242,13 +247,18 @@ def _fallback_facts(attrs, centres, siblings) -> Facts:
   return _facts(objects, rels)
 
 
-def _captions(py, attrs, centres, siblings) -> list[str]:
-  """CAPTIONS_PER_IMAGE captions true of (attrs, centres) and false of every sibling."""
+def _captions(py, attrs, centres, siblings, rivals=None) -> list[str]:
+  """CAPTIONS_PER_IMAGE captions true of (attrs, centres) and false of every sibling.
+
+  `rivals(facts)`, when given, narrows the images a sampled caption is checked against (to
+  those it could be true of); `siblings` must still hold every image it could return.
+  """
   out = []
   while len(out) < CAPTIONS_PER_IMAGE:
     for _ in range(_TRIES):
       f = _sample_facts(py, attrs, centres)
-      if (not any(_holds(f, *s) for s in siblings) and (text := _render(py, f)) is not None
+      if (not any(_holds(f, *s) for s in (rivals(f) if rivals else siblings))
+              and (text := _render(py, f)) is not None
               and len(_WORD_RE.findall(text)) <= MAX_TOKENS and text not in out):
         break
     else:
@@ -370,8 +380,13 @@ class Scenes:
 
 def generate(split: str, *, seed: int = 0, num_images: int | None = None, family_size: int = 4,
              noise_std: float = DEFAULT_NOISE_STD, min_objects: int = 2,
-             max_objects: int = MAX_REGIONS) -> Scenes:
-  """Generate a split; num_images (default SPLIT_SIZES[split]) is rounded up to whole families."""
+             max_objects: int = MAX_REGIONS, unique_captions: bool | None = None) -> Scenes:
+  """Generate a split; num_images (default SPLIT_SIZES[split]) is rounded up to whole families.
+
+  `unique_captions` (default: on for dev and test, off for train) makes every caption false of
+  every other image of the split, not only of its family, so each caption has exactly one
+  correct image, as the standard retrieval protocol scores it.
+  """
   if split not in SPLIT_SIZES:
     raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLIT_SIZES)}")
   num_images = SPLIT_SIZES[split] if num_images is None else num_images
@@ -418,11 +433,26 @@ def generate(split: str, *, seed: int = 0, num_images: int | None = None, family
   attrs = [a[:k] for a, k in zip(attributes.tolist(), num_regions.tolist())]
   centres = np.stack([boxes[..., 0] + boxes[..., 2], boxes[..., 1] + boxes[..., 3]], -1) / 2
   centres = [c[:k] for c, k in zip(centres.tolist(), num_regions.tolist())]
+  if unique_captions is None:
+    unique_captions = split != "train"
+  kinds = [{tuple(o[:2]) for o in a} for a in attrs]  # (shape, colour) of each image's objects
+  with_kind = collections.defaultdict(set)  # (shape, colour) -> rows with such an object
+  for row, ks in enumerate(kinds):
+    for k in ks:
+      with_kind[k].add(row)
   captions = []
   for row in range(n):
     first = row - row % family_size
-    siblings = [(attrs[s], centres[s]) for s in range(first, first + family_size) if s != row]
-    captions += _captions(py, attrs[row], centres[row], siblings)
+    family = [s for s in range(first, first + family_size) if s != row]
+    rivals = None
+    if unique_captions:  # a caption is true only of images holding all its (shape, colour)s
+      near = sorted(set(family).union(*(with_kind[k] for k in kinds[row])) - {row})
+      family = near
+      rivals = lambda f, row=row: [  # pylint: disable=cell-var-from-loop
+          (attrs[s], centres[s]) for s in set.intersection(*(
+              with_kind[d[:2]] for d in f.objects)) if s != row]
+    captions += _captions(py, attrs[row], centres[row],
+                          [(attrs[s], centres[s]) for s in family], rivals)
   return Scenes(split=split, image_ids=split_index * 10_000_000 + np.arange(n, dtype=np.int64),
                 attributes=attributes, boxes=boxes, num_regions=num_regions, captions=captions,
                 caption_image=np.repeat(np.arange(n, dtype=np.int32), CAPTIONS_PER_IMAGE),
