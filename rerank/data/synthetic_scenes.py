@@ -435,24 +435,21 @@ def generate(split: str, *, seed: int = 0, num_images: int | None = None, family
   centres = [c[:k] for c, k in zip(centres.tolist(), num_regions.tolist())]
   if unique_captions is None:
     unique_captions = split != "train"
-  kinds = [{tuple(o[:2]) for o in a} for a in attrs]  # (shape, colour) of each image's objects
-  with_kind = collections.defaultdict(set)  # (shape, colour) -> rows with such an object
-  for row, ks in enumerate(kinds):
-    for k in ks:
-      with_kind[k].add(row)
+  with_kind = collections.defaultdict(set)  # (shape, colour) -> rows holding such an object
+  for row, objs in enumerate(attrs if unique_captions else ()):
+    for o in objs:
+      with_kind[tuple(o[:2])].add(row)
   captions = []
   for row in range(n):
     first = row - row % family_size
-    family = [s for s in range(first, first + family_size) if s != row]
-    rivals = None
-    if unique_captions:  # a caption is true only of images holding all its (shape, colour)s
-      near = sorted(set(family).union(*(with_kind[k] for k in kinds[row])) - {row})
-      family = near
+    others, rivals = range(first, first + family_size), None
+    if unique_captions:  # a caption can only be true of images holding all its (shape, colour)s
+      others = sorted(set().union(*(with_kind[tuple(o[:2])] for o in attrs[row])))
       rivals = lambda f, row=row: [  # pylint: disable=cell-var-from-loop
           (attrs[s], centres[s]) for s in set.intersection(*(
               with_kind[d[:2]] for d in f.objects)) if s != row]
     captions += _captions(py, attrs[row], centres[row],
-                          [(attrs[s], centres[s]) for s in family], rivals)
+                          [(attrs[s], centres[s]) for s in others if s != row], rivals)
   return Scenes(split=split, image_ids=split_index * 10_000_000 + np.arange(n, dtype=np.int64),
                 attributes=attributes, boxes=boxes, num_regions=num_regions, captions=captions,
                 caption_image=np.repeat(np.arange(n, dtype=np.int32), CAPTIONS_PER_IMAGE),
