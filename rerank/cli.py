@@ -14,6 +14,13 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def require(flag_values, *names):
+  """fail() on the first of `names` (keys of a dict of absl flag holders) left empty."""
+  for name in names:
+    if not flag_values[name].value:
+      fail(f"--{name} is required")
+
+
 def define_config_flag():
   return config_flags.DEFINE_config_file(
       "config", None, "Experiment config: configs/NAME.py[:ARGS]; override any field with "

@@ -147,9 +147,7 @@ def _define_flags() -> dict:
 def main(argv, f):
   del argv
   cli.quiet_library_logs()
-  for name in ("family", "src", "dst"):
-    if not f[name].value:
-      cli.fail(f"--{name} is required")
+  cli.require(f, "family", "src", "dst")
   try:
     convert(f["family"].value, f["src"].value, f["dst"].value, f["tokenizer"].value,
             f["lower_case"].value, f["seed"].value, f["model_config"].value)

@@ -65,9 +65,7 @@ def main(argv, f):
   del argv
   cli.quiet_library_logs()
   from rerank.models import load  # pylint: disable=import-outside-toplevel
-  for name in ("workdir", "dst"):
-    if not f[name].value:
-      cli.fail(f"--{name} is required")
+  cli.require(f, "workdir", "dst")
   try:
     export(f["workdir"].value, f["dst"].value, f["which"].value, f["part"].value)
   except (load.ConvertError, FileNotFoundError, ValueError) as e:
