@@ -24,7 +24,7 @@ the encoder size (any size but mini starts from random weights); `mode=NAME` the
 import os
 
 from rerank import config_utils
-from rerank import sharding
+from rerank.training import sharding
 
 # Made by `pretrain` (20,000 steps) and `python -m rerank.export --which=last`.
 PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

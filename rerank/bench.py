@@ -32,11 +32,12 @@ from absl import flags
 import jax
 import numpy as np
 
+from rerank.models import build
+
 from rerank import cli
-from rerank import evaluate
-from rerank import index as index_lib
-from rerank import rerank as rerank_lib
-from rerank import steps
+from rerank.evaluation import evaluator
+from rerank.indexing import indexes as index_lib
+from rerank.inference import reranker as rerank_lib
 from rerank.data import datasets
 
 FLAGS = flags.FLAGS
@@ -104,13 +105,13 @@ class _Model:
     if size == "base":  # the paper's input lengths: 70 wordpieces + 2, 50 regions
       c.max_text_len, c.max_regions = 72, 50
     tok = datasets.get_tokenizer(c)
-    self.model = steps.build_model(c, tok.token_to_id("[CLS]"), tok.get_vocab_size())
-    self.params = steps.init_params(self.model, c, jax.random.PRNGKey(0))
+    self.model = build.build_model(c, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+    self.params = build.init_params(self.model, c, jax.random.PRNGKey(0))
     self.data, _ = datasets.load_split(c, "test", tok, 64)
-    self.encoder = evaluate.Scorer(self.model, c.mode, 1, self.params)
+    self.encoder = evaluator.Scorer(self.model, c.mode, 1, self.params)
     # Pairs go in fixed batches (padded): a batch larger than the pairs measured would bill
     # the padding to CE-full.
-    self.pair_scorer = evaluate.Scorer(self.model, c.mode, pair_batch, self.params)
+    self.pair_scorer = evaluator.Scorer(self.model, c.mode, pair_batch, self.params)
     self.reranker = rerank_lib.Reranker(self.model, k, query_block=1)
     self.k = k
 

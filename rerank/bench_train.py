@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rerank import sharding
-from rerank import steps
+from rerank.training import sharding
+from rerank.training import steps
 from rerank.models import encoder as encoder_lib
-from rerank.models import retrieval
+from rerank.models import heads
 
 # (hidden, layers, heads, mlp), as config_utils.SIZES (a test keeps them equal); repeated here
 # so the benchmark imports no config machinery.
@@ -106,7 +106,7 @@ def bench_size(size: str, batch: int, text_len: int, regions: int, dtype: str, w
                iters: int, remat: bool = False) -> dict:
   """Times `iters` training steps of `size` after `warmup` (compile included there)."""
   config, model_cfg = _config(size, batch, text_len, regions, dtype, remat)
-  model = retrieval.RetrievalModel(model_cfg, cls_token_id=1)
+  model = heads.RetrievalModel(model_cfg, cls_token_id=1)
   tx = steps.optimizer(config)
   mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
   rules = sharding.RULES["dp"]

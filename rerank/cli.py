@@ -1,8 +1,27 @@
-"""Command-line plumbing shared by the entry points: config flag, workdir, one-line errors."""
+"""Command-line plumbing shared by the entry points: flags, config, workdir, one-line errors.
+
+Every entry point (`python -m rerank.X`) follows one convention:
+
+  FLAGS = flags.FLAGS
+
+  def define_flags():          # the command's flags; never defined at import time
+    cli.define_config_flag()
+    flags.DEFINE_string("workdir", None, "...")
+
+  def main(argv):              # thin: read FLAGS, call one library function, print
+    ...
+
+  if __name__ == "__main__":
+    cli.run(main, define_flags)
+
+so every module of the package can be imported in one process without a flag clash, and the
+library function under `main` can be called from Python with plain arguments.
+"""
 
 import os
 import sys
 
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -27,10 +46,16 @@ def define_config_flag():
       "--config.FIELD=VALUE.", lock_config=True)
 
 
-def load_config(config_flag):
-  """The parsed config; a missing file or a bad override becomes one error line."""
+def run(main, define_flags) -> None:
+  """Defines the command's flags, then runs `main` under absl with one-line flag errors."""
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
+
+
+def load_config(config_flag=None):
+  """The parsed --config (or `config_flag`'s); a missing file or a bad override is one error line."""
   try:
-    config = config_flag.value
+    config = config_flag.value if config_flag is not None else flags.FLAGS.config
     config.keys()  # a config file that failed to load raises only on first use
   except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     detail = [line.strip() for line in str(e).splitlines() if line.strip()]

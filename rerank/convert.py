@@ -17,8 +17,8 @@ from absl import app
 from absl import flags
 
 from rerank import cli
-from rerank.models import convert_families as families
-from rerank.models import load
+from rerank.models import families
+from rerank.models import pretrained
 
 
 def _vocab_is_cased(vocab: dict) -> bool:
@@ -39,7 +39,7 @@ def load_hf_tokenizer(family: str, config: dict, tok_dir: str, lower_case: str =
       return tok, f"{type(tok).__name__} from {tok_dir}"
     vocab_file, json_file = os.path.join(tok_dir, "vocab.txt"), os.path.join(tok_dir, "tokenizer.json")
     if not os.path.isfile(vocab_file) and not os.path.isfile(json_file):
-      raise load.ConvertError(f"{tok_dir}: no vocab.txt or tokenizer.json for the {family} WordPiece "
+      raise pretrained.ConvertError(f"{tok_dir}: no vocab.txt or tokenizer.json for the {family} WordPiece "
                               "tokenizer; pass --tokenizer=DIR with the checkpoint's vocabulary")
     tok_json = json.load(open(json_file)) if os.path.isfile(json_file) else {}
     tok_cfg_path = os.path.join(tok_dir, "tokenizer_config.json")
@@ -58,12 +58,12 @@ def load_hf_tokenizer(family: str, config: dict, tok_dir: str, lower_case: str =
       lower, why = not _vocab_is_cased(vocab), "inferred from the vocabulary"
     tok = transformers.BertTokenizer.from_pretrained(tok_dir, do_lower_case=lower)
     if getattr(tok.backend_tokenizer.normalizer, "lowercase", lower) != lower:
-      raise load.ConvertError(f"{tok_dir}: transformers did not apply do_lower_case={lower} ({why})")
+      raise pretrained.ConvertError(f"{tok_dir}: transformers did not apply do_lower_case={lower} ({why})")
     return tok, f"BERT WordPiece from {tok_dir}, do_lower_case={lower} ({why})"
   except (OSError, ValueError, TypeError) as e:
-    if isinstance(e, load.ConvertError):
+    if isinstance(e, pretrained.ConvertError):
       raise
-    raise load.ConvertError(f"{tok_dir}: cannot load the {family} tokenizer with transformers ({e})") from e
+    raise pretrained.ConvertError(f"{tok_dir}: cannot load the {family} tokenizer with transformers ({e})") from e
 
 
 def _read_vocab(path: str) -> dict:
@@ -75,33 +75,33 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
             seed: int = 0, model_config: str | None = None, log=print) -> dict:
   """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
   if family not in families.FAMILIES:
-    raise load.ConvertError(f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
-  load.check_destination(dst)
+    raise pretrained.ConvertError(f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
+  pretrained.check_destination(dst)
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-  files = load.find_weights(src)
+  files = pretrained.find_weights(src)
   weights = files[0] if len(files) == 1 else f"{src_dir} ({len(files)} shards)"
   config, config_path = families.read_config(src_dir, family, model_config)
   tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
 
   state = {}
   for path in files:
-    state.update(load.read_state_dict(path))
-  state = load.normalise_keys(state)
+    state.update(pretrained.read_state_dict(path))
+  state = pretrained.normalise_keys(state)
   guess = families.guess_family(state)
   try:
     state, spec, prefix = families.SPECS[family](config, state, config_path)
-    params, report = load.build_params(spec.cfg, state, spec.entries, optional=spec.optional,
+    params, report = pretrained.build_params(spec.cfg, state, spec.entries, optional=spec.optional,
                                        ignored=spec.ignored, fresh=spec.fresh, source=weights, seed=seed)
-  except load.ConvertError as e:
+  except pretrained.ConvertError as e:
     hint = ""
     if guess and guess != family:
       hint = f" The keys look like a {guess!r} checkpoint: try --family={guess}."
-    raise load.ConvertError(f"{e}{hint}") from e
+    raise pretrained.ConvertError(f"{e}{hint}") from e
   del state
   cfg = spec.cfg
   if len(tokenizer) > cfg.vocab_size:
-    raise load.ConvertError(f"tokenizer ({tok_note}) has {len(tokenizer)} tokens but the checkpoint's "
+    raise pretrained.ConvertError(f"tokenizer ({tok_note}) has {len(tokenizer)} tokens but the checkpoint's "
                             f"word embedding has {cfg.vocab_size} rows; pass the matching --tokenizer")
   meta = {"family": family, "source": [os.path.abspath(f) for f in files], "key_prefix": prefix,
           "encoder": dataclasses.asdict(cfg), "vocab_size": cfg.vocab_size,
@@ -109,7 +109,7 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, l
           "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
           "tokenizer": tok_note, "report": {**report, "notes": spec.notes,
                                             "new_when_training": ["ce_head (2-way CE head)"]}}
-  load.write_converted(dst, meta, params, tokenizer)
+  pretrained.write_converted(dst, meta, params, tokenizer)
   log(f"converted {family} checkpoint {weights} -> {dst} in {time.perf_counter() - t0:.1f}s")
   log(f"  encoder: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.num_heads} heads, "
       f"vocab {cfg.vocab_size}, visual={cfg.visual}, order={cfg.order}; tokenizer: {tok_note}")
@@ -151,7 +151,7 @@ def main(argv, f):
   try:
     convert(f["family"].value, f["src"].value, f["dst"].value, f["tokenizer"].value,
             f["lower_case"].value, f["seed"].value, f["model_config"].value)
-  except load.ConvertError as e:
+  except pretrained.ConvertError as e:
     cli.fail(str(e))
   except OSError as e:
     cli.fail(f"cannot write {f['dst'].value!r}: {e}")

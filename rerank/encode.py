@@ -24,8 +24,9 @@ import tqdm
 
 from rerank import cli
 from rerank.data import datasets
-from rerank.models import load as load_lib
-from rerank.models import retrieval
+from rerank.models import pretrained
+from rerank.models import heads
+from rerank.models import modes
 
 _PROGRESS_MIN_BATCHES = 20  # fewer batches print no progress bar
 
@@ -33,12 +34,12 @@ _PROGRESS_MIN_BATCHES = 20  # fewer batches print no progress bar
 class Embedder:
   """Jitted BE embeddings of one model; fixed batch shapes, so it compiles once per length bucket."""
 
-  def __init__(self, model: retrieval.RetrievalModel, params, tokenizer, max_text_len: int,
+  def __init__(self, model: heads.RetrievalModel, params, tokenizer, max_text_len: int,
                max_regions: int, batch_size: int = 64, description: str = ""):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.max_text_len, self.max_regions, self.batch_size = max_text_len, max_regions, batch_size
     self.description = description
-    self.region_width = model.cfg.feature_dim + model.cfg.box_dim
+    self.region_width = model.cfg.region_width
     self._text = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method=model.embed_text))
     self._image = jax.jit(lambda p, r, m: model.apply({"params": p}, r, m, method=model.embed_image))
 
@@ -76,29 +77,29 @@ class Embedder:
 
 
 def _restore_workdir(path: str, batch_size: int):
-  from rerank import retriever  # pylint: disable=import-outside-toplevel
+  from rerank.inference import retriever  # pylint: disable=import-outside-toplevel
   try:
     m = retriever.load_model(path)
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
-  params = retrieval.be_params(m.params, m.config.mode)
+  params = modes.get(m.config.mode).be_params(m.params)
   return Embedder(m.model, params, m.tokenizer, m.config.max_text_len, m.config.max_regions,
                   batch_size, f"workdir {path}, {m.which} parameters")
 
 
 def load(path: str, batch_size: int = 64, max_text_len: int | None = None, max_regions: int = 50) -> Embedder:
   """An Embedder for a converted checkpoint or a trained workdir. Raises ValueError if neither."""
-  if load_lib.is_converted(path):
-    meta = load_lib.read_meta(path)
-    cfg = load_lib.encoder_config(meta)
-    model = retrieval.RetrievalModel(cfg, cls_token_id=meta["cls_token_id"])
-    params = {"encoder": jax.tree_util.tree_map(jnp.asarray, load_lib.load_encoder_params(path))}
+  if pretrained.is_converted(path):
+    meta = pretrained.read_meta(path)
+    cfg = pretrained.encoder_config(meta)
+    model = heads.RetrievalModel(cfg, cls_token_id=meta["cls_token_id"])
+    params = {"encoder": jax.tree_util.tree_map(jnp.asarray, pretrained.load_encoder_params(path))}
     # DESIGN §2: 70 wordpieces + 2 specials (OSCAR); M3P allows 128 + 2. Both capped by the
     # checkpoint's positions (M3P's also count the [CLS] + regions of an image input).
     positions = cfg.max_position_embeddings - cfg.position_offset
     text_len = min(max_text_len or (130 if cfg.visual == "m3p" else 72), positions)
     regions = min(max_regions, positions - 1) if cfg.positions == "sequence" else max_regions
-    return Embedder(model, params, load_lib.load_tokenizer(path), text_len, regions, batch_size,
+    return Embedder(model, params, pretrained.load_tokenizer(path), text_len, regions, batch_size,
                     f"converted {meta['family']} checkpoint {path}")
   if os.path.isfile(os.path.join(path, "config.json")) and any(
       os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "best")):

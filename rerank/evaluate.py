@@ -1,243 +1,42 @@
-"""Evaluation: bi-encoder, cross-encoder and retrieve-and-rerank, both directions.
+r"""Re-evaluates a trained workdir: BE / CE / RR rows into results.json and results.md.
 
-- BE: embed every text and image once; rank the whole corpus by cosine.
-- CE: score every (query, candidate) pair. That costs the corpus size per query, so it runs on
-  a seeded sample of queries (`eval.ce_queries_*`; 0 = all) against the FULL corpus.
-- RR: BE top-k, CE scores those k pairs, reranked by CE; the rest keep BE order.
-Each row records recalls (percent), mR, RSUM, measured seconds per query and the number of
-queries it was measured on. BE seconds per query = (encoding every text and image + both
-searches) / all queries of both directions, since each side is the other's query set; a RR
-query adds its k CE pairs to its share of that.
+  python -m rerank.evaluate --config=configs/demo.py --workdir=DIR [--latest] [--out=DIR]
 
-CLI: `python -m rerank.evaluate --config=configs/demo.py --workdir=DIR` evaluates the best
-(else the newest) checkpoint of DIR and writes DIR/results.json and DIR/results.md.
+Evaluates the best-by-dev (else the newest; `--latest`: the newest) checkpoint of DIR on
+`config.eval.split` and writes DIR/results.json and DIR/results.md (or into --out).
 """
 
 import functools
-import json
 import os
-import sys
-import time
 
+from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
-import tqdm
 
-from rerank import index as index_lib
-from rerank import metrics
-from rerank import rerank as rerank_lib
-from rerank.models import retrieval
+from rerank.models import build
 
-_PROGRESS_MIN = 20_000  # pairs; smaller jobs print no progress bar
+from rerank import cli
+from rerank.data import datasets
+from rerank.data import eval_sets
+from rerank.evaluation import evaluator
+from rerank.training import checkpoints
+from rerank.training import steps
 
-
-def _batched(fn, n: int, batch_size: int, desc: str | None = None):
-  """Runs fn(start, stop) -> array over [0, n) in fixed-size chunks and concatenates."""
-  out = []
-  bar = tqdm.tqdm(total=n, desc=desc, unit="pair", disable=desc is None or n < _PROGRESS_MIN,
-                  file=sys.stdout, mininterval=2.0)
-  for start in range(0, n, batch_size):
-    stop = min(start + batch_size, n)
-    out.append(fn(start, stop))
-    bar.update(stop - start)
-  bar.close()
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
+FLAGS = flags.FLAGS
 
 
-def _trim(token_ids: np.ndarray, text_mask: np.ndarray, multiple: int = 8):
-  """Drops padding columns beyond the longest text (rounded up to `multiple`).
+def define_flags():
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
+  flags.DEFINE_bool("latest", False, "Evaluate the newest checkpoint instead of the best.")
+  flags.DEFINE_string("out", None, "Directory for results.json/results.md (default: the "
+                      "workdir). Keeps one copy per re-evaluation (other splits, k, ...).")
 
-  Padding changes no output, and eval batches are often much shorter than max_text_len; a few
-  length buckets bound the number of compiled shapes.
-  """
-  longest = int(text_mask.sum(axis=1).max()) if len(text_mask) else 1
-  width = min(-(-longest // multiple) * multiple, token_ids.shape[1])
-  return token_ids[:, :width], text_mask[:, :width]
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads axis 0 to `size` by repeating row 0, so every jitted call sees one shape."""
-  if len(x) == size:
-    return x
-  return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
-
-
-class Scorer:
-  """Jitted BE encoders and CE pair scorer for one model; `set_params` swaps the weights.
-
-  Parameters are jit arguments (not closure constants), so one Scorer compiles once and is
-  reused by every dev evaluation of a training run.
-  """
-
-  def __init__(self, model: retrieval.RetrievalModel, mode: str, batch_size: int, params=None):
-    self.model, self.mode, self.batch_size = model, mode, batch_size
-
-    def norm(x):
-      return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    self._text = jax.jit(lambda p, t, m: norm(model.apply({"params": p}, t, m, method=model.embed_text)))
-    self._image = jax.jit(lambda p, r, m: norm(model.apply({"params": p}, r, m, method=model.embed_image)))
-    self._pairs = jax.jit(lambda p, t, tm, r, rm: model.apply(
-        {"params": p}, t, tm, r, rm, method=model.score_pairs)[:, 1])
-    if params is not None:
-      self.set_params(params)
-
-  def set_params(self, params) -> "Scorer":
-    self.be_params = retrieval.be_params(params, self.mode) if retrieval.has_be(self.mode) else None
-    self.ce_params = retrieval.ce_params(params, self.mode) if retrieval.has_ce(self.mode) else None
-    return self
-
-  def _run(self, fn, params, *arrays):
-    n = len(arrays[0])
-    return np.asarray(fn(params, *[_pad(a, self.batch_size) for a in arrays]))[:n]
-
-  def texts(self, data, rows) -> np.ndarray:  # [len(rows), H] unit vectors
-    def chunk(a, b):
-      r = rows[a:b]
-      return self._run(self._text, self.be_params, *_trim(data.token_ids[r], data.text_mask[r]))
-    return _batched(chunk, len(rows), self.batch_size)
-
-  def images(self, data, rows) -> np.ndarray:  # [len(rows), H] unit vectors
-    def chunk(a, b):
-      return self._run(self._image, self.be_params, *data.region_features(rows[a:b]))
-    return _batched(chunk, len(rows), self.batch_size)
-
-  def pairs(self, data, text_rows, image_rows, desc=None) -> np.ndarray:  # [P] match logits
-    def chunk(a, b):
-      t = text_rows[a:b]
-      regions, region_mask = data.region_features(image_rows[a:b])
-      return self._run(self._pairs, self.ce_params, *_trim(data.token_ids[t], data.text_mask[t]),
-                       regions, region_mask)
-    return _batched(chunk, len(text_rows), self.batch_size, desc)
-
-
-def _relevance(data):
-  """Boolean [T, N] matrix: caption t describes image n (by image id, so merged corpora work)."""
-  return data.image_ids[data.caption_image][:, None] == data.image_ids[None, :]
-
-
-def _sample(n: int, size: int, seed: int) -> np.ndarray:
-  if size <= 0 or size >= n:
-    return np.arange(n)
-  return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-
-
-def _row(model_name, method, k, t2i_hits, i2t_hits, seconds, queries):
-  row = {"model": model_name, "method": method, "k": k}
-  row.update(metrics.summarise(metrics.recall_at_k(t2i_hits), metrics.recall_at_k(i2t_hits)))
-  row["seconds_per_query"] = seconds / max(queries["t2i"] + queries["i2t"], 1)
-  row["queries"] = queries
-  return row
-
-
-def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_name: str | None = None,
-             methods=("BE", "CE", "RR"), log=print, query_texts=None, query_images=None,
-             index_cfg=None) -> list[dict]:
-  """Rows of results for every method in `methods` that `mode` supports (module docstring).
-
-  `query_texts` / `query_images` (rows; default all) restrict the queries while the whole of
-  `data` stays the corpus: enlarged test sets (`rerank.data.eval_sets.enlarge`).
-  The BE first stage is the index backend `eval_cfg.index` ("exact" when absent: brute force,
-  equal to plain `q @ corpus.T` ranking; "scann", "jax" or "auto"), built per direction with
-  `index_cfg` (config.index: ScaNN parameters; None = chosen from the corpus size).
-  """
-  model_name = model_name or {"be": "be", "ce": "ce", "separate": "separate"}.get(mode, "joint")
-  rel = _relevance(data)  # [T, N]
-  t_all, i_all = np.arange(data.num_texts), np.arange(data.num_images)
-  q_txt = t_all if query_texts is None else np.asarray(query_texts, np.int64)
-  q_img = i_all if query_images is None else np.asarray(query_images, np.int64)
-  k = eval_cfg.k
-  rows = []
-  want_be = retrieval.has_be(mode) and ("BE" in methods or "RR" in methods)
-  if want_be:
-    t0 = time.perf_counter()
-    img_emb = scorer.images(data, i_all)  # [N, H]
-    t1 = time.perf_counter()
-    txt_emb = scorer.texts(data, t_all)  # [T, H]
-    backend = eval_cfg.get("index", "exact")
-    be_t2i = index_lib.build(img_emb, backend, index_cfg).search(txt_emb, max(10, k))[0]  # [T, depth]
-    be_i2t = index_lib.build(txt_emb, backend, index_cfg).search(img_emb, max(10, k))[0]  # [N, depth]
-    # Both corpora are encoded once here; each is query-time work for the other direction,
-    # so the whole cost is spread over all queries of both directions.
-    be_seconds = time.perf_counter() - t0
-    be_queries = {"t2i": len(q_txt), "i2t": len(q_img)}
-    if "BE" in methods:
-      rows.append(_row(model_name, "BE", None, metrics.first_hit_ranks(be_t2i[q_txt], rel[q_txt]),
-                       metrics.first_hit_ranks(be_i2t[q_img], rel.T[q_img]), be_seconds,
-                       be_queries))
-      log(f"BE: {data.num_texts} texts, {data.num_images} images in {be_seconds:.1f}s "
-          f"(images {t1 - t0:.1f}s)")
-  if retrieval.has_ce(mode) and "CE" in methods:
-    qt = q_txt[_sample(len(q_txt), eval_cfg.ce_queries_t2i, seed)]
-    qi = q_img[_sample(len(q_img), eval_cfg.ce_queries_i2t, seed + 1)]
-    t0 = time.perf_counter()
-    s_t2i = scorer.pairs(data, np.repeat(qt, data.num_images), np.tile(i_all, len(qt)), "CE t2i")
-    s_i2t = scorer.pairs(data, np.tile(t_all, len(qi)), np.repeat(qi, data.num_texts), "CE i2t")
-    ce_seconds = time.perf_counter() - t0
-    ce_t2i = metrics.ranking_from_scores(s_t2i.reshape(len(qt), data.num_images), 10)
-    ce_i2t = metrics.ranking_from_scores(s_i2t.reshape(len(qi), data.num_texts), 10)
-    rows.append(_row(model_name, "CE", None, metrics.first_hit_ranks(ce_t2i, rel[qt]),
-                     metrics.first_hit_ranks(ce_i2t, rel.T[qi]), ce_seconds,
-                     {"t2i": len(qt), "i2t": len(qi)}))
-    log(f"CE: {len(qt)} text and {len(qi)} image queries against the full corpus in {ce_seconds:.1f}s")
-  if want_be and retrieval.has_ce(mode) and "RR" in methods:
-    qt = q_txt[_sample(len(q_txt), eval_cfg.rr_queries_t2i, seed + 2)]
-    qi = q_img[_sample(len(q_img), eval_cfg.rr_queries_i2t, seed + 3)]
-    t0 = time.perf_counter()
-    s_t2i = scorer.pairs(data, np.repeat(qt, k), be_t2i[qt, :k].reshape(-1), "RR t2i")
-    s_i2t = scorer.pairs(data, be_i2t[qi, :k].reshape(-1), np.repeat(qi, k), "RR i2t")
-    rr_t2i = rerank_lib.rerank_topk(be_t2i[qt], s_t2i.reshape(len(qt), k))
-    rr_i2t = rerank_lib.rerank_topk(be_i2t[qi], s_i2t.reshape(len(qi), k))
-    rr_queries = {"t2i": len(qt), "i2t": len(qi)}
-    # A RR query pays its share of the BE work plus its own k CE pairs.
-    rr_seconds = (time.perf_counter() - t0) + be_seconds * (
-        (len(qt) + len(qi)) / (be_queries["t2i"] + be_queries["i2t"]))
-    rows.append(_row(model_name, "RR", k, metrics.first_hit_ranks(rr_t2i, rel[qt]),
-                     metrics.first_hit_ranks(rr_i2t, rel.T[qi]), rr_seconds, rr_queries))
-    log(f"RR: top-{k} of {len(qt)} text and {len(qi)} image queries reranked in {rr_seconds:.1f}s")
-  return rows
-
-
-def results_markdown(results: dict) -> str:
-  """The paper-style table: one line per (model, method), recalls in percent."""
-  head = (f"{results['dataset']} / {results['split']}: {results['num_images']} images, "
-          f"{results['num_texts']} texts"
-          + (f" ({results['protocol']})" if results.get("protocol") else "") + "\n\n")
-  lines = ["| model | method | k | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | mR | RSUM "
-           "| s/query | queries (t2i/i2t) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in results["rows"]:
-    t, i = r["t2i"], r["i2t"]
-    lines.append(
-        f"| {r['model']} | {r['method']} | {r['k'] if r['k'] is not None else '-'} "
-        f"| {t['R@1']:.1f} | {t['R@5']:.1f} | {t['R@10']:.1f} "
-        f"| {i['R@1']:.1f} | {i['R@5']:.1f} | {i['R@10']:.1f} | {r['mR']:.1f} | {r['rsum']:.1f} "
-        f"| {r['seconds_per_query']:.2e} | {r['queries']['t2i']}/{r['queries']['i2t']} |")
-  return head + "\n".join(lines) + "\n"
-
-
-def write_results(workdir: str, results: dict) -> str:
-  """Writes results.json and results.md atomically (temp file, then rename); returns the table."""
-  table = results_markdown(results)
-  for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", table)):
-    tmp = os.path.join(workdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
-  return table
-
-
-# ------------------------------------------------------------------ CLI
 
 def main(argv):
   del argv
-  from rerank import checkpoint, cli, steps  # noqa: PLC0415  (CLI-only imports)
-  from rerank.data import datasets  # noqa: PLC0415
-
   cli.quiet_library_logs()
-  config = cli.load_config(_CONFIG)
-  workdir = _WORKDIR.value
+  config = cli.load_config()
+  workdir = FLAGS.workdir
   if not workdir or not os.path.isdir(workdir):
     cli.fail(f"--workdir {workdir!r} does not exist; train first with "
              f"python -m rerank.train --config=... --workdir={workdir}")
@@ -246,45 +45,35 @@ def main(argv):
     cli.fail(f"no checkpoint in {workdir!r} (looked in {', '.join(ckpt_dirs)}); "
              "train first or pass the workdir of a trained run")
   tokenizer = datasets.get_tokenizer(config)
-  model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+  model = build.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
   tx = steps.optimizer(config)
 
   abstract = jax.eval_shape(functools.partial(steps.init_train_state, model, config, tx),
                             jax.random.PRNGKey(0))
-  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+  ckpts = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
   try:
-    params, which = ckpts.restore_params(abstract, prefer_best=config.eval.use_best and not _LATEST.value)
+    params, which = ckpts.restore_params(abstract, prefer_best=config.eval.use_best and not FLAGS.latest)
   except (ValueError, KeyError, FileNotFoundError) as e:
     cli.fail(f"checkpoint in {workdir!r} does not match config (mode={config.mode}, "
              f"model={config.model.hidden_size}x{config.model.num_layers}): {e}")
   finally:
     ckpts.close()
-  from rerank.data import eval_sets  # noqa: PLC0415
   print(f"evaluating {which} parameters")
-  scorer = Scorer(model, config.mode, config.eval.batch_size, params)
+  scorer = evaluator.Scorer(model, config.mode, config.eval.batch_size, params)
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
-  evaluate_fn = functools.partial(evaluate, index_cfg=config.get("index"))
+  evaluate_fn = functools.partial(evaluator.evaluate, index_cfg=config.get("index"))
   results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split,
                               evaluate_fn, scorer, num_images=config.dataset.num_test_images or None)
   results["checkpoint"] = which
-  out = _OUT.value or workdir
+  out = FLAGS.out or workdir
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     cli.fail(f"--out {out!r}: cannot create it ({e.strerror})")
-  print("\n" + write_results(out, results))
+  print("\n" + evaluator.write_results(out, results))
   print(f"wrote {out}/results.json, results.md")
 
 
-if __name__ == "__main__":
-  # Flags live here, not at import time, so rerank.train can import this module without a
-  # clash over --config.
-  from absl import app, flags  # noqa: PLC0415
-  from rerank import cli  # noqa: PLC0415
 
-  _CONFIG = cli.define_config_flag()
-  _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir with checkpoints.")
-  _LATEST = flags.DEFINE_bool("latest", False, "Evaluate the newest checkpoint instead of the best.")
-  _OUT = flags.DEFINE_string("out", None, "Directory for results.json/results.md (default: the "
-                             "workdir). Keeps one copy per re-evaluation (other splits, k, ...).")
-  app.run(main, flags_parser=cli.parse_flags)
+if __name__ == "__main__":
+  cli.run(main, define_flags)

@@ -20,33 +20,33 @@ from rerank import cli
 
 def export(workdir: str, dst: str, which: str = "best", part: str = "ce", log=print) -> dict:
   """Writes `dst` from `workdir`'s best (else newest) or newest parameters; returns model.json's
-  content. Raises load.ConvertError (destination), FileNotFoundError (workdir) or ValueError
+  content. Raises pretrained.ConvertError (destination), FileNotFoundError (workdir) or ValueError
   (an unknown `which` or `part`)."""
-  from rerank import retriever  # pylint: disable=import-outside-toplevel
-  from rerank.models import load  # pylint: disable=import-outside-toplevel
-  from rerank.models import retrieval  # pylint: disable=import-outside-toplevel
+  from rerank.inference import retriever  # pylint: disable=import-outside-toplevel
+  from rerank.models import pretrained  # pylint: disable=import-outside-toplevel
+  from rerank.models import modes  # pylint: disable=import-outside-toplevel
   if which not in ("best", "last"):
     raise ValueError(f"--which: expected best or last; found {which!r}")
   if part not in ("ce", "be"):
     raise ValueError(f"--part: expected ce or be; found {part!r}")
-  load.check_destination(dst)
+  pretrained.check_destination(dst)
   loaded = retriever.load_model(workdir, prefer_best=which == "best")
-  mode = loaded.config.mode
-  pick = retrieval.ce_params if part == "ce" else retrieval.be_params
-  encoder = pick(loaded.params, mode)["encoder"]
+  mode = modes.get(loaded.config.mode)
+  pick = mode.ce_params if part == "ce" else mode.be_params
+  encoder = pick(loaded.params)["encoder"]
   tok, model = loaded.tokenizer, loaded.model
   cls_token = tok.id_to_token(model.cls_token_id)
   pad_id = tok.token_to_id("[PAD]")
   meta = {"family": "rerank", "source": [workdir], "checkpoint": loaded.which,
-          "mode": mode, "part": part if mode == "separate" else "shared",
+          "mode": mode.name, "part": part if mode.separate else "shared",
           "encoder": dataclasses.asdict(model.cfg), "vocab_size": model.cfg.vocab_size,
           "cls_token": cls_token, "cls_token_id": model.cls_token_id,
           "pad_token": "[PAD]" if pad_id is not None else None, "pad_token_id": pad_id,
           "tokenizer": f"the workdir's ({loaded.config.dataset.name})",
-          "report": {"notes": [f"exported from {loaded.which} of a {mode} training run"],
+          "report": {"notes": [f"exported from {loaded.which} of a {mode.name} training run"],
                      "new_when_training": ["ce_head (2-way CE head)"]}}
-  load.write_converted(dst, meta, encoder, tok)
-  log(f"exported the encoder of {workdir} ({loaded.which}, mode {mode}) -> {dst}")
+  pretrained.write_converted(dst, meta, encoder, tok)
+  log(f"exported the encoder of {workdir} ({loaded.which}, mode {mode.name}) -> {dst}")
   return meta
 
 
@@ -64,11 +64,11 @@ def _define_flags() -> dict:
 def main(argv, f):
   del argv
   cli.quiet_library_logs()
-  from rerank.models import load  # pylint: disable=import-outside-toplevel
+  from rerank.models import pretrained  # pylint: disable=import-outside-toplevel
   cli.require(f, "workdir", "dst")
   try:
     export(f["workdir"].value, f["dst"].value, f["which"].value, f["part"].value)
-  except (load.ConvertError, FileNotFoundError, ValueError) as e:
+  except (pretrained.ConvertError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   except OSError as e:
     cli.fail(f"cannot write {f['dst'].value!r}: {e}")

@@ -11,7 +11,7 @@ from absl import app
 from absl import flags
 
 from rerank import cli
-from rerank import index as index_lib
+from rerank.indexing import indexes as index_lib
 
 FLAGS = flags.FLAGS
 
@@ -29,7 +29,7 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from rerank import retriever  # noqa: PLC0415  (heavy imports after flag errors)
+  from rerank.inference import retriever  # noqa: PLC0415  (heavy imports after flag errors)
 
   cli.quiet_library_logs()
   if not FLAGS.index:

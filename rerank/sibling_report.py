@@ -63,9 +63,10 @@ def report(scorer, data, scenes, has_be: bool, has_ce: bool) -> dict:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  from rerank import evaluate, retriever  # noqa: PLC0415 (heavy imports after flag parsing)
+  from rerank.evaluation import evaluator  # noqa: PLC0415 (heavy imports after flag parsing)
+  from rerank.inference import retriever  # noqa: PLC0415
   from rerank.data import datasets, synthetic_scenes  # noqa: PLC0415
-  from rerank.models import retrieval  # noqa: PLC0415
+  from rerank.models import modes  # noqa: PLC0415
   try:
     m = retriever.load_model(FLAGS.workdir, prefer_best=FLAGS.which == "best")
   except (FileNotFoundError, ValueError) as e:
@@ -78,8 +79,9 @@ def main(argv):
   scenes = synthetic_scenes.generate(
       FLAGS.split, seed=ds.seed, family_size=ds.family_size, noise_std=ds.noise_std,
       min_objects=ds.get("min_objects", 2), max_objects=ds.get("max_objects", 4))
-  scorer = evaluate.Scorer(m.model, cfg.mode, cfg.eval.batch_size, m.params)
-  rows = report(scorer, data, scenes, retrieval.has_be(cfg.mode), retrieval.has_ce(cfg.mode))
+  scorer = evaluator.Scorer(m.model, cfg.mode, cfg.eval.batch_size, m.params)
+  mode = modes.get(cfg.mode)
+  rows = report(scorer, data, scenes, mode.has_be, mode.has_ce)
   methods = [k for k in ("BE", "CE") if k in rows["all"]]
   print(f"{FLAGS.workdir} ({m.which}), {FLAGS.split}: own image ranked above a sibling")
   print("| edit | pairs | " + " | ".join(methods) + " |")

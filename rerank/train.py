@@ -22,20 +22,22 @@ from absl import app
 from absl import flags
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rerank import checkpoint
+from rerank.models import build
+
+from rerank.training import checkpoints
 from rerank import cli
-from rerank import distributed
-from rerank import evaluate
-from rerank import metric_writer
-from rerank import mining
-from rerank import sharding
-from rerank import steps
+from rerank.training import distributed
+from rerank.evaluation import evaluator
+from rerank.training import metric_writer
+from rerank.training import mining
+from rerank.training import sharding
+from rerank.training import steps
 from rerank.data import batches
 from rerank.data import datasets
 from rerank.data import eval_sets
-from rerank.models import load
+from rerank.models import modes
+from rerank.models import pretrained
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
@@ -82,7 +84,7 @@ def main(argv):
     cli.fail(str(e))
   preemption = Preemption()
   config = cli.load_config(_CONFIG)
-  if config.get("init_from") and not load.is_converted(config.init_from):
+  if config.get("init_from") and not pretrained.is_converted(config.init_from):
     cli.fail(f"config.init_from {config.init_from!r}: not a converted checkpoint (no model.json and "
              "params/); make one with python -m rerank.convert --family=... --src=... --dst=DIR")
   hn = config.hard_negatives
@@ -104,22 +106,6 @@ def main(argv):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2) + "\n")
 
-  # ---------------------------------------------------------------- mesh
-  # config.mesh names the axes; config.rules says which mesh axis each logical axis of the
-  # parameters and batches lives on: data parallel, FSDP and tensor parallel by rules only.
-  try:
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.rules_from_config(config, mesh)
-  except ValueError as e:
-    cli.fail(str(e))
-  replicated = NamedSharding(mesh, P())
-  batch_sharded = sharding.batch_sharding(mesh, rules)
-  ways = sharding.batch_divisor(mesh, rules) * config.grad_accum
-  if config.batch_size % ways:
-    cli.fail(f"config.batch_size: expected a multiple of {ways} (batch axis "
-             f"{rules.get('batch')!r} of mesh {dict(mesh.shape)} x grad_accum "
-             f"{config.grad_accum}); found {config.batch_size}")
-
   # ---------------------------------------------------------------- input
   t0 = time.perf_counter()
   tokenizer = datasets.get_tokenizer(config)
@@ -131,31 +117,39 @@ def main(argv):
 
   # ---------------------------------------------------------------- model and optimizer
   try:
-    model = steps.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
+    model = build.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
   except ValueError as e:
     cli.fail(str(e))
   tx = steps.optimizer(config)
 
-  # ---------------------------------------------------------------- sharding
-  # Jitted init creates the parameters (and optimizer state) directly with their sharding.
-  init_state = functools.partial(steps.init_train_state, model, config, tx)
-  make_state = lambda: init_state(jax.random.PRNGKey(config.seed))  # noqa: E731
-  state_sharded = sharding.state_shardings(
-      jax.eval_shape(make_state), sharding.logical_param_axes(model, config), rules, mesh)
-  state = jax.jit(make_state, out_shardings=state_sharded)()
+  # ---------------------------------------------------------------- mesh and sharding
+  # config.mesh names the axes; config.rules says which mesh axis each logical axis of the
+  # parameters and batches lives on: data parallel, FSDP and tensor parallel by rules only.
+  # A jitted init creates the parameters (and optimizer state) directly with their sharding.
+  try:
+    state, layout = sharding.create_train_state(config, model, tx)
+  except ValueError as e:
+    cli.fail(str(e))
+  mesh, rules = layout.mesh, layout.rules
+  state_sharded, batch_sharded, replicated = layout.state, layout.batch, layout.replicated
+  ways = sharding.batch_divisor(mesh, rules) * config.grad_accum
+  if config.batch_size % ways:
+    cli.fail(f"config.batch_size: expected a multiple of {ways} (batch axis "
+             f"{rules.get('batch')!r} of mesh {dict(mesh.shape)} x grad_accum "
+             f"{config.grad_accum}); found {config.batch_size}")
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   log(f"model: mode={config.mode} size={model.cfg.hidden_size}x{model.cfg.num_layers} "
       f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
       f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
 
   # ---------------------------------------------------------------- resume
-  ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+  ckpts = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
   start = 0
   if config.get("init_from") and ckpts.latest_step() is None:
-    state["params"] = jax.device_put(steps.with_pretrained_encoder(
-        state["params"], load.load_encoder_params(config.init_from), config.mode),
+    state["params"] = jax.device_put(build.with_pretrained_encoder(
+        state["params"], pretrained.load_encoder_params(config.init_from), config.mode),
         state_sharded["params"])
-    log(f"init_from {config.init_from}: encoder loaded ({load.read_meta(config.init_from)['family']}); "
+    log(f"init_from {config.init_from}: encoder loaded ({pretrained.read_meta(config.init_from)['family']}); "
         "ce_head freshly initialised")
   if ckpts.latest_step() is not None:
     state = ckpts.restore_state(jax.tree_util.tree_map(
@@ -170,13 +164,13 @@ def main(argv):
 
   # ---------------------------------------------------------------- evaluators
   # Every process evaluates alike on its own first device, from a gathered copy of the params.
-  scorer = evaluate.Scorer(model, config.mode, config.eval.batch_size)
+  scorer = evaluator.Scorer(model, config.mode, config.eval.batch_size)
   local = lambda params: scorer.set_params(sharding.local_replica(params, mesh))  # noqa: E731
 
   def dev_score(params) -> float:
     """Mean of R@1/5/10 both directions on dev: BE when the mode has one, else CE on a sample."""
     methods = ("BE",) if config.mode != "ce" else ("CE",)
-    rows = evaluate.evaluate(local(params), dev, config.mode, config.eval,
+    rows = evaluator.evaluate(local(params), dev, config.mode, config.eval,
                              seed=config.seed, methods=methods, log=lambda *_: None)
     return rows[0]["mR"]
 
@@ -195,7 +189,7 @@ def main(argv):
                                  min(window_end, total) - (step - 1))
       log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
           f"({time.perf_counter() - t0:.1f}s)")
-    batch = batches.train_batch(train, config.mode, config.batch_size, config.seed, step - 1,
+    batch = batches.train_batch(train, modes.get(config.mode).batch_parts, config.batch_size, config.seed, step - 1,
                                 mined, hn.ce_prob, hn.get("confuser_prob", 0.0), ce_group,
                                 hn.get("be_negatives", 0), lazy=True)
     # Rows and negatives are chosen for the global batch on every process alike; each process
@@ -244,13 +238,13 @@ def main(argv):
   ckpts.close()
   log(f"evaluating {which} parameters")
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
-  evaluate_fn = functools.partial(evaluate.evaluate, index_cfg=config.get("index"))
+  evaluate_fn = functools.partial(evaluator.evaluate, index_cfg=config.get("index"))
   results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split,
                               evaluate_fn, local(params), log=log,
                               num_images=ds.num_test_images or None)
   results["checkpoint"] = which
   if is_main:
-    table = evaluate.write_results(workdir, results)
+    table = evaluator.write_results(workdir, results)
     log("\n" + table)
     log(f"wrote {workdir}/results.json, results.md, metrics.jsonl")
 

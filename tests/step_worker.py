@@ -25,11 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import demo  # noqa: E402
-from rerank import distributed  # noqa: E402
-from rerank import sharding  # noqa: E402
-from rerank import steps  # noqa: E402
+from rerank.models import build
+from rerank.training import distributed  # noqa: E402
+from rerank.training import sharding  # noqa: E402
+from rerank.training import steps  # noqa: E402
 from rerank.data import batches  # noqa: E402
-from rerank.data import datasets  # noqa: E402
+from rerank.data import datasets
+from rerank.models import modes  # noqa: E402
 
 # Subprocesses share a persistent compilation cache: the runs compile identical programs, and on
 # this 2-core machine compiling is most of their time. Entries are keyed by program and flags.
@@ -90,16 +92,16 @@ def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
                  "devices": jax.device_count(), "processes": jax.process_count()}, f)
 
 
-def build():
+def build_step():
   """(config, model, optimizer, batch) of the compared step."""
   # joint_sum exercises both objectives in one update; one layer keeps compiles short.
   config = demo.get_config("runlocal,mode=joint_sum")
   config.model.num_layers = 1
   tok = datasets.get_tokenizer(config)
   data, _ = datasets.load_split(config, "train", tok, config.dataset.num_train_images)
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
-  batch = batches.train_batch(data, config.mode, config.batch_size, config.seed, 0)
+  batch = batches.train_batch(data, modes.get(config.mode).batch_parts, config.batch_size, config.seed, 0)
   return config, model, tx, batch
 
 
@@ -118,7 +120,7 @@ def main():
   parser.add_argument("--layouts", default="ref,dp,fsdp,tp,fsdp_tp")
   args = parser.parse_args()
   distributed.initialize()
-  built = build()
+  built = build_step()
   os.makedirs(args.out, exist_ok=True)
   for name in args.layouts.split(","):
     t0 = time.perf_counter()

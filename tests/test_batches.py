@@ -35,19 +35,19 @@ def test_caption_rows_cover_each_epoch_exactly_once_and_depend_on_seed():
 
 def test_train_batch_is_a_pure_function_of_step():
   data = _data()
-  a = batches.train_batch(data, "joint_alternate", 6, 3, 11)
-  _ = batches.train_batch(data, "joint_alternate", 6, 3, 4)  # other calls in between change nothing
-  b = batches.train_batch(data, "joint_alternate", 6, 3, 11)
+  a = batches.train_batch(data, ("be", "ce"), 6, 3, 11)
+  _ = batches.train_batch(data, ("be", "ce"), 6, 3, 4)  # other calls in between change nothing
+  b = batches.train_batch(data, ("be", "ce"), 6, 3, 11)
   for part in ("be", "ce"):
     for key in a[part]:
       np.testing.assert_array_equal(a[part][key], b[part][key])
-  assert set(batches.train_batch(data, "be", 6, 3, 0)) == {"be"}
-  assert set(batches.train_batch(data, "ce", 6, 3, 0)) == {"ce"}
+  assert set(batches.train_batch(data, ("be",), 6, 3, 0)) == {"be"}
+  assert set(batches.train_batch(data, ("ce",), 6, 3, 0)) == {"ce"}
 
 
 def test_be_batch_pairs_captions_with_their_images():
   data = _data()
-  be = batches.train_batch(data, "be", 8, 0, 2)["be"]
+  be = batches.train_batch(data, ("be",), 8, 0, 2)["be"]
   caption = be["token_ids"][:, 0]
   np.testing.assert_array_equal(be["image_ids"], data.image_ids[data.caption_image[caption]])
   np.testing.assert_array_equal(be["regions"][:, 0, 0], data.caption_image[caption])
@@ -57,7 +57,7 @@ def test_ce_pairs_one_positive_one_negative_per_caption_half_image_half_caption_
   data = _data(num_images=40, per_image=5)
   n_img_swaps = n_txt_swaps = 0
   for step in range(40):
-    ce = batches.train_batch(data, "ce", 16, 1, step)["ce"]
+    ce = batches.train_batch(data, ("ce",), 16, 1, step)["ce"]
     b = 16
     assert ce["labels"].tolist() == [1] * b + [0] * b
     caption = ce["token_ids"][:, 0]
@@ -85,7 +85,7 @@ def test_inconsistent_data_and_single_image_are_errors():
                           good.image_ids, good.region_features)
   one = _data(num_images=1)
   with pytest.raises(ValueError, match="two distinct images"):
-    batches.train_batch(one, "ce", 2, 0, 0)
+    batches.train_batch(one, ("ce",), 2, 0, 0)
 
 
 def _with_confusers(data, k=2):
@@ -135,9 +135,9 @@ def test_be_negatives_come_from_mined_lists_else_random_other_images():
   assert negs.shape == (3, 5)
   assert set(negs[0]) <= {7, 8} and set(negs[2]) == {3}
   assert all(data.image_ids[n] != data.image_ids[data.caption_image[4]] for n in negs[1])
-  batch = batches.train_batch(data, "be", 3, 0, 0, mined, num_be_negatives=5)["be"]
+  batch = batches.train_batch(data, ("be",), 3, 0, 0, mined, num_be_negatives=5)["be"]
   assert batch["neg_regions"].shape == (15, 2, 5) and batch["neg_region_mask"].shape == (15, 2)
-  assert "neg_regions" not in batches.train_batch(data, "be", 3, 0, 0)["be"]
+  assert "neg_regions" not in batches.train_batch(data, ("be",), 3, 0, 0)["be"]
 
 
 def test_lazy_batch_equals_eager_and_reads_only_the_rows_asked_for():
@@ -150,8 +150,8 @@ def test_lazy_batch_equals_eager_and_reads_only_the_rows_asked_for():
 
   counted = batches.RetrievalData(data.token_ids, data.text_mask, data.caption_image,
                                   data.image_ids, region_features)
-  eager = batches.train_batch(data, "joint_alternate", 8, 3, 5, num_be_negatives=2)
-  lazy = batches.train_batch(counted, "joint_alternate", 8, 3, 5, num_be_negatives=2, lazy=True)
+  eager = batches.train_batch(data, ("be", "ce"), 8, 3, 5, num_be_negatives=2)
+  lazy = batches.train_batch(counted, ("be", "ce"), 8, 3, 5, num_be_negatives=2, lazy=True)
   read.clear()
   for part in ("be", "ce"):
     for key, value in eager[part].items():

@@ -20,7 +20,7 @@ from scipy import special
 
 from rerank import convert as convert_lib
 from rerank.models import encoder as encoder_lib
-from rerank.models import load
+from rerank.models import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "a", "dog", "cat", "red", "blue", "sits", "on", "mat", "##s", "big", "small", "runs",
@@ -110,8 +110,8 @@ def test_hf_parity_last_hidden_and_mean_pool(hf_models, tmp_path, name, fmt):
   model, st_dir, bin_dir = hf_models[name]
   dst = str(tmp_path / "conv")
   meta = convert_lib.convert("bert", st_dir if fmt == "safetensors" else bin_dir, dst, log=lambda *_: None)
-  cfg = load.encoder_config(meta)
-  tree = load.load_encoder_params(dst)
+  cfg = pretrained.encoder_config(meta)
+  tree = pretrained.load_encoder_params(dst)
   pad = model.config.pad_token_id
   ids, mask = _text_batch(pad, np.random.default_rng(1), model.config.vocab_size)
   with torch.no_grad():
@@ -132,7 +132,7 @@ def test_hf_parity_last_hidden_and_mean_pool(hf_models, tmp_path, name, fmt):
 def test_converted_tokenizer_matches_transformers(hf_models, tmp_path, name):
   _, st_dir, _ = hf_models[name]
   convert_lib.convert("bert", st_dir, str(tmp_path / "c"), log=lambda *_: None)
-  ours = load.load_tokenizer(str(tmp_path / "c"))
+  ours = pretrained.load_tokenizer(str(tmp_path / "c"))
   theirs = hf_models["tokenizers"][name]
   for text in ["The Dog sits on the mat", "a red cats runs in the park", "big and small"]:
     assert ours.encode(text).ids == theirs(text)["input_ids"], text
@@ -157,21 +157,21 @@ def test_wordpiece_case_follows_the_checkpoint(tmp_path):
 def test_wrong_family_truncated_file_and_shape_mismatch_fail_cleanly(hf_models, tmp_path):
   _, st_dir, bin_dir = hf_models["bert"]
   dst = str(tmp_path / "out")
-  with pytest.raises(load.ConvertError, match=r"missing.*img_embedding\.weight.*--family=bert"):
+  with pytest.raises(pretrained.ConvertError, match=r"missing.*img_embedding\.weight.*--family=bert"):
     convert_lib.convert("oscar", st_dir, dst, log=lambda *_: None)
   for src, fname in ((st_dir, "model.safetensors"), (bin_dir, "pytorch_model.bin")):
     bad = tmp_path / f"trunc_{fname}"
     shutil.copytree(src, bad)
     data = (bad / fname).read_bytes()
     (bad / fname).write_bytes(data[: len(data) // 2])
-    with pytest.raises(load.ConvertError, match="truncated"):
+    with pytest.raises(pretrained.ConvertError, match="truncated"):
       convert_lib.convert("bert", str(bad), dst, log=lambda *_: None)
   bad = tmp_path / "shape"
   shutil.copytree(st_dir, bad)
   config = json.loads((bad / "config.json").read_text())
   config["intermediate_size"] = 80
   (bad / "config.json").write_text(json.dumps(config))
-  with pytest.raises(load.ConvertError, match=r"mis-shaped.*intermediate\.dense\.weight: checkpoint \(64, 32\), "
+  with pytest.raises(pretrained.ConvertError, match=r"mis-shaped.*intermediate\.dense\.weight: checkpoint \(64, 32\), "
                      r"config implies \(80, 32\)"):
     convert_lib.convert("bert", str(bad), dst, log=lambda *_: None)
   assert not os.path.exists(dst) and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
@@ -181,8 +181,8 @@ def test_bin_with_code_objects_is_refused(tmp_path):
   torch = require("torch")
   path = str(tmp_path / "evil.bin")
   torch.save({"w": torch.zeros(2), "obj": _Unsafe()}, path)
-  with pytest.raises(load.ConvertError, match="weights_only"):
-    load.read_state_dict(path)
+  with pytest.raises(pretrained.ConvertError, match="weights_only"):
+    pretrained.read_state_dict(path)
 
 
 class _Unsafe:
@@ -325,7 +325,7 @@ def test_oscar_layout_matches_numpy_reference(tmp_path, use_ln):
   mask = np.concatenate([tmask, rmask], 1)
   ref = _np_layers(x, mask, {k[5:]: v for k, v in sd64.items() if k.startswith("bert.")}, BERT_NAMES)
   pooled = np.tanh(_lin(ref[:, 0], sd64, "bert.pooler.dense"))
-  _check(load.load_encoder_params(str(tmp_path / "dst")), load.encoder_config(meta), ref, pooled,
+  _check(pretrained.load_encoder_params(str(tmp_path / "dst")), pretrained.encoder_config(meta), ref, pooled,
          ids, tmask, regions, rmask)
 
 
@@ -360,7 +360,7 @@ def test_uniter_layout_matches_numpy_reference(tmp_path):
   x = np.concatenate([_bert_text(s, "", ids), img], 1)
   ref = _np_layers(x, np.concatenate([tmask, rmask], 1), s, BERT_NAMES)
   pooled = np.tanh(_lin(ref[:, 0], s, "pooler.dense"))
-  _check(load.load_encoder_params(str(tmp_path / "dst")), load.encoder_config(meta), ref, pooled,
+  _check(pretrained.load_encoder_params(str(tmp_path / "dst")), pretrained.encoder_config(meta), ref, pooled,
          ids, tmask, regions, rmask)
 
 
@@ -409,9 +409,9 @@ def test_m3p_layout_matches_numpy_reference(tmp_path, fmt):
   mask = np.concatenate([rmask, tmask], 1)
   ref = _np_layers(x, mask, s, M3P_NAMES)
   pooled = np.tanh(_lin(ref[:, 0], s, "pooled_layer.dense"))
-  cfg = load.encoder_config(meta)
+  cfg = pretrained.encoder_config(meta)
   assert (cfg.order, cfg.positions, cfg.type_vocab_size, meta["cls_token"]) == ("image_first", "sequence", 0, "<s>")
-  _check(load.load_encoder_params(str(tmp_path / "dst")), cfg, ref, pooled, ids, tmask, regions, rmask)
+  _check(pretrained.load_encoder_params(str(tmp_path / "dst")), cfg, ref, pooled, ids, tmask, regions, rmask)
 
 
 def test_safetensors_reader_matches_the_library(tmp_path):
@@ -420,13 +420,13 @@ def test_safetensors_reader_matches_the_library(tmp_path):
            "c": np.arange(4, dtype=np.int64).reshape(2, 2), "scalar": np.array(2.5, np.float32)}
   path = str(tmp_path / "x.safetensors")
   st_numpy.save_file(state, path)
-  ours = dict(load._read_safetensors(path))  # pylint: disable=protected-access
+  ours = dict(pretrained._read_safetensors(path))  # pylint: disable=protected-access
   theirs = st_numpy.load_file(path)
   assert set(ours) == set(theirs)
   for k, v in theirs.items():
     assert ours[k].dtype == v.dtype and ours[k].shape == v.shape
     np.testing.assert_array_equal(ours[k], v)
-  assert load.read_state_dict(path)["b"].dtype == np.float32  # floats widen to float32
+  assert pretrained.read_state_dict(path)["b"].dtype == np.float32  # floats widen to float32
 
 
 def test_unexpected_backbone_key_is_an_error_and_heads_are_not(tmp_path):
@@ -434,7 +434,7 @@ def test_unexpected_backbone_key_is_an_error_and_heads_are_not(tmp_path):
   shapes = {**_bert_shapes("", len(BERT_VOCAB)), "encoder.layer.2.output.dense.weight": (H, MLP),
             "cls.predictions.bias": (len(BERT_VOCAB),)}
   _write(str(tmp_path / "src"), _random_state(shapes, rng), _bert_config())
-  with pytest.raises(load.ConvertError, match=r"1 unexpected key\(s\): encoder\.layer\.2\.output\.dense\.weight$"):
+  with pytest.raises(pretrained.ConvertError, match=r"1 unexpected key\(s\): encoder\.layer\.2\.output\.dense\.weight$"):
     convert_lib.convert("bert", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
   assert not os.path.exists(tmp_path / "dst")
 
@@ -456,12 +456,12 @@ def test_sharded_checkpoint_equals_single_file(tmp_path):
   (sharded / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n")
   for name in ("one", "sharded"):
     convert_lib.convert("bert", str(tmp_path / name), str(tmp_path / f"{name}_dst"), log=lambda *_: None)
-  a = load.load_encoder_params(str(tmp_path / "one_dst"))
-  b = load.load_encoder_params(str(tmp_path / "sharded_dst"))
+  a = pretrained.load_encoder_params(str(tmp_path / "one_dst"))
+  b = pretrained.load_encoder_params(str(tmp_path / "sharded_dst"))
   flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
   assert len(flat_a) == len(flat_b) == 5 + LAYERS * 16 + 2 + 2  # embeddings, layers, pooler, regions
   for (path, x), (path_b, y) in zip(flat_a, flat_b):
     assert path == path_b
     np.testing.assert_array_equal(x, y, err_msg=str(path))
-  assert len(load.read_meta(str(tmp_path / "sharded_dst"))["source"]) == 2
+  assert len(pretrained.read_meta(str(tmp_path / "sharded_dst"))["source"]) == 2
 

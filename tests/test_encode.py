@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
-from rerank import checkpoint
+from rerank.models import build
+
+from rerank.training import checkpoints
 from rerank import convert as convert_lib
 from rerank import encode
-from rerank import steps
+from rerank.training import steps
 from rerank.data import datasets
 from rerank.models import encoder as encoder_lib
-from rerank.models import load
+from rerank.models import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -61,10 +63,10 @@ def converted(tmp_path_factory):
 
 
 def _reference_text(conv, texts, max_len=72):
-  meta = load.read_meta(conv)
-  cfg = load.encoder_config(meta)
-  ids, mask = datasets.tokenize(load.load_tokenizer(conv), texts, max_len)
-  hidden, m, _ = encoder_lib.Encoder(cfg).apply({"params": load.load_encoder_params(conv)}, ids, mask)
+  meta = pretrained.read_meta(conv)
+  cfg = pretrained.encoder_config(meta)
+  ids, mask = datasets.tokenize(pretrained.load_tokenizer(conv), texts, max_len)
+  hidden, m, _ = encoder_lib.Encoder(cfg).apply({"params": pretrained.load_encoder_params(conv)}, ids, mask)
   m = np.asarray(m, np.float32)[..., None]
   return (np.asarray(hidden) * m).sum(1) / m.sum(1), ids
 
@@ -99,8 +101,8 @@ def test_images_use_the_mask_and_batching_does_not_matter(converted, tmp_path):
   again = encode.load(converted, batch_size=8).images(padded, np.arange(4)[None] < num[:, None])
   np.testing.assert_allclose(got, again, atol=1e-5)
   # Reference: [CLS] then the valid regions, masked mean over all of them.
-  cfg = load.encoder_config(load.read_meta(converted))
-  tree = load.load_encoder_params(converted)
+  cfg = pretrained.encoder_config(pretrained.read_meta(converted))
+  tree = pretrained.load_encoder_params(converted)
   for i in range(5):
     hidden, _, _ = encoder_lib.Encoder(cfg).apply({"params": tree}, np.array([[2]], np.int32), np.ones((1, 1), bool),
                                                   feats[i:i + 1, :num[i]], np.ones((1, num[i]), bool))
@@ -116,10 +118,10 @@ def test_encode_reads_a_trained_workdir(tmp_path):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
   tok = datasets.get_tokenizer(config)
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
   state = jax.jit(functools.partial(steps.init_train_state, model, config, tx))(jax.random.PRNGKey(5))
-  ckpts = checkpoint.Checkpoints(workdir, async_save=False)
+  ckpts = checkpoints.Checkpoints(workdir, async_save=False)
   ckpts.save(3, state)
   ckpts.wait()
   ckpts.close()
@@ -144,18 +146,18 @@ def test_init_from_loads_the_encoder_and_keeps_a_fresh_ce_head(converted):
   config = demo.get_config("runlocal,mode=joint_alternate")
   config.init_from = converted
   tok = datasets.get_tokenizer(config)
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   assert model.cfg.hidden_size == H and model.cls_token_id == VOCAB.index("[CLS]")
   tx = steps.optimizer(config)
   state = jax.jit(functools.partial(steps.init_train_state, model, config, tx))(jax.random.PRNGKey(0))
-  params = steps.with_pretrained_encoder(state["params"], load.load_encoder_params(converted), config.mode)
+  params = build.with_pretrained_encoder(state["params"], pretrained.load_encoder_params(converted), config.mode)
   flat_new = dict(jax.tree_util.tree_flatten_with_path(params["encoder"])[0])
-  for path, leaf in jax.tree_util.tree_flatten_with_path(load.load_encoder_params(converted))[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(pretrained.load_encoder_params(converted))[0]:
     np.testing.assert_array_equal(np.asarray(flat_new[path]), leaf)
   np.testing.assert_array_equal(params["ce_head"]["kernel"], state["params"]["ce_head"]["kernel"])
   config.max_text_len = 80  # more than the checkpoint's 64 positions
   with pytest.raises(ValueError, match="64 positions"):
-    steps.build_model(config, 0, 0)
+    build.build_model(config, 0, 0)
 
 
 def test_train_cli_with_init_from(converted, tmp_path):

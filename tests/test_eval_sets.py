@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rerank import evaluate
+from rerank.evaluation import evaluator
 from rerank.data import batches
 from rerank.data import eval_sets
 
@@ -23,7 +23,7 @@ def _data(emb_txt, emb_img, caption_image, ids, first_text=0):
 
 
 class _Scorer:
-  """BE-only stand-in for evaluate.Scorer: embeddings come from tables, not a model."""
+  """BE-only stand-in for evaluator.Scorer: embeddings come from tables, not a model."""
 
   def texts(self, data, rows):
     return self.table[data.token_ids[rows, 0]]
@@ -59,7 +59,7 @@ def test_enlarged_corpus_queries_and_relevance_from_the_main_dataset_only():
   merged = s.data
   assert merged.num_images == 6 and merged.num_texts == 10
   assert len(set(merged.image_ids.tolist())) == 6  # distractor ids never equal a main id
-  [row] = evaluate.evaluate(scorer, merged, "be", _cfg(), log=lambda *_: None,
+  [row] = evaluator.evaluate(scorer, merged, "be", _cfg(), log=lambda *_: None,
                             query_texts=s.query_texts, query_images=s.query_images)
   assert row["queries"] == {"t2i": 8, "i2t": 4}
   # image 0's 2 captions lose R@1 to the distractor image; image 0 loses R@1 to the
@@ -68,7 +68,7 @@ def test_enlarged_corpus_queries_and_relevance_from_the_main_dataset_only():
   assert row["i2t"]["R@1"] == pytest.approx(75.0) and row["i2t"]["R@5"] == 100.0
   # without distractors the same embeddings are perfect
   scorer.table = main_txt
-  [clean] = evaluate.evaluate(scorer, main, "be", _cfg(), log=lambda *_: None)
+  [clean] = evaluator.evaluate(scorer, main, "be", _cfg(), log=lambda *_: None)
   assert clean["t2i"]["R@1"] == 100.0 and clean["i2t"]["R@1"] == 100.0
 
 
@@ -84,7 +84,7 @@ def test_folds_partition_the_split_and_the_mean_is_per_fold():
   np.testing.assert_array_equal(parts[1].region_features([2])[0], img[[5]][:, None])
   scorer = _Scorer()
   scorer.table = table  # token 0 is the caption's row in the full split
-  rows = [evaluate.evaluate(scorer, p, "be", _cfg(), log=lambda *_: None) for p in parts]
+  rows = [evaluator.evaluate(scorer, p, "be", _cfg(), log=lambda *_: None) for p in parts]
   assert rows[0][0]["t2i"]["R@1"] == 100.0 and rows[0][0]["i2t"]["R@1"] == 100.0
   # ties go to the lower row: image 5's captions find image 4 first, image 5 finds 4's captions
   assert rows[1][0]["t2i"]["R@1"] == pytest.approx(100 * 4 / 6)

@@ -10,12 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from rerank import checkpoint
+from rerank.models import build
+
+from rerank.training import checkpoints
 from rerank import encode
 from rerank import export
-from rerank import steps
+from rerank.training import steps
 from rerank.data import datasets
-from rerank.models import load
+from rerank.models import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -29,10 +31,10 @@ def _workdir(path, mode, seed=5, best_step=None):
   with open(os.path.join(path, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
   tok = datasets.get_tokenizer(config)
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   init = jax.jit(functools.partial(steps.init_train_state, model, config, steps.optimizer(config)))
   state, other = init(jax.random.PRNGKey(seed)), init(jax.random.PRNGKey(seed + 1))
-  ckpts = checkpoint.Checkpoints(path, async_save=False)
+  ckpts = checkpoints.Checkpoints(path, async_save=False)
   ckpts.save(3, state)
   if best_step is not None:
     ckpts.save_best(best_step, other["params"], 1.0)
@@ -54,16 +56,16 @@ def test_export_writes_the_encoder_that_init_from_and_encode_read(tmp_path):
   dst = str(tmp_path / "out")
   meta = export.export(str(tmp_path / "wd"), dst, "last", log=lambda *_: None)
   assert meta["family"] == "rerank" and meta["checkpoint"] == "latest (step 3)"
-  assert load.is_converted(dst) and load.read_meta(dst) == json.loads(json.dumps(meta))
-  _assert_same_tree(load.load_encoder_params(dst), state["params"]["encoder"])
-  assert load.load_tokenizer(dst).get_vocab() == tok.get_vocab()
+  assert pretrained.is_converted(dst) and pretrained.read_meta(dst) == json.loads(json.dumps(meta))
+  _assert_same_tree(pretrained.load_encoder_params(dst), state["params"]["encoder"])
+  assert pretrained.load_tokenizer(dst).get_vocab() == tok.get_vocab()
   # The default picks the best checkpoint, whose parameters differ from the newest.
   export.export(str(tmp_path / "wd"), str(tmp_path / "best"), log=lambda *_: None)
-  _assert_same_tree(load.load_encoder_params(str(tmp_path / "best")), best["params"]["encoder"])
+  _assert_same_tree(pretrained.load_encoder_params(str(tmp_path / "best")), best["params"]["encoder"])
   # init_from builds the same architecture from it, and encode embeds with it as the model did.
   again = demo.get_config("runlocal")
   again.init_from = dst
-  rebuilt = steps.build_model(again, 0, 0)
+  rebuilt = build.build_model(again, 0, 0)
   assert rebuilt.cfg == model.cfg and rebuilt.cls_token_id == model.cls_token_id
   texts = ["a red cube", "a small blue sphere left of a green torus"]
   ids, mask = datasets.tokenize(tok, texts, config.max_text_len)
@@ -76,7 +78,7 @@ def test_export_of_a_separate_run_picks_the_part(tmp_path):
   _, _, _, state, _ = _workdir(str(tmp_path / "wd"), "separate")
   for part in ("be", "ce"):
     export.export(str(tmp_path / "wd"), str(tmp_path / part), "last", part, log=lambda *_: None)
-    _assert_same_tree(load.load_encoder_params(str(tmp_path / part)), state["params"][part]["encoder"])
+    _assert_same_tree(pretrained.load_encoder_params(str(tmp_path / part)), state["params"][part]["encoder"])
   with pytest.raises(ValueError, match="--part"):
     export.export(str(tmp_path / "wd"), str(tmp_path / "x"), "last", "both")
 
@@ -95,22 +97,22 @@ def test_export_cli_errors(tmp_path):
   assert not (tmp_path / "o").exists()
   ok = run(f"--workdir={tmp_path / 'wd'}", f"--dst={tmp_path / 'o'}")
   assert ok.returncode == 0, ok.stderr[-2000:]
-  assert "exported the encoder" in ok.stdout and load.is_converted(str(tmp_path / "o"))
+  assert "exported the encoder" in ok.stdout and pretrained.is_converted(str(tmp_path / "o"))
 
 
 def test_the_demo_starts_from_the_shipped_pretrained_checkpoint():
   config = demo.get_config()
-  assert config.init_from == demo.PRETRAINED and load.is_converted(config.init_from)
-  meta = load.read_meta(config.init_from)
+  assert config.init_from == demo.PRETRAINED and pretrained.is_converted(config.init_from)
+  meta = pretrained.read_meta(config.init_from)
   assert meta["family"] == "rerank" and meta["mode"] == "joint_alternate"
   # Its tokenizer is synthetic_scenes' own, and its encoder fits the model the demo builds.
   scenes_tok = datasets.TOKENIZERS["synthetic_scenes"]()
   assert datasets.get_tokenizer(config).get_vocab() == scenes_tok.get_vocab()
-  model = steps.build_model(config, 0, 0)
+  model = build.build_model(config, 0, 0)
   assert model.cls_token_id == scenes_tok.token_to_id("[CLS]")
   state = jax.eval_shape(functools.partial(steps.init_train_state, model, config, steps.optimizer(config)),
                          jax.random.PRNGKey(0))
-  params = steps.with_pretrained_encoder(state["params"], load.load_encoder_params(config.init_from), config.mode)
+  params = build.with_pretrained_encoder(state["params"], pretrained.load_encoder_params(config.init_from), config.mode)
   assert np.isfinite(np.asarray(params["encoder"]["pooler"]["kernel"])).all()
   # From random weights: `scratch`, `runlocal`, `pretrain` (which made it) and other sizes.
   for arg in ("scratch", "runlocal", "pretrain", "size=small"):

@@ -7,9 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from rerank import evaluate
-from rerank import index
-from rerank import metrics
+from rerank.evaluation import evaluator
+from rerank.indexing import indexes
+from rerank.evaluation import metrics
+from rerank.indexing import ranking
 
 
 def _unit(x):
@@ -28,8 +29,8 @@ def test_exact_equals_brute_force_ranking_with_ties():
   corpus[10] = corpus[200]  # exact duplicates: the tie must go to the lower id
   queries = _unit(rng.normal(size=(40, 16)))
   queries[0] = corpus[200]
-  ids, scores = index.ExactIndex(corpus).search(queries, 25)
-  want = metrics.ranking_from_scores(queries @ corpus.T, 25)
+  ids, scores = indexes.ExactIndex(corpus).search(queries, 25)
+  want = ranking.ranking_from_scores(queries @ corpus.T, 25)
   np.testing.assert_array_equal(ids, want)
   np.testing.assert_array_equal(scores, np.take_along_axis(queries @ corpus.T, want, 1))
   assert ids[0, 0] == 10 and ids[0, 1] == 200
@@ -37,18 +38,18 @@ def test_exact_equals_brute_force_ranking_with_ties():
 
 def test_jax_backend_matches_exact():
   corpus, queries = _clustered(500, 16), _clustered(37, 16, seed=1)
-  ids, scores = index.JaxIndex(corpus, query_block=16).search(queries, 10)
-  want_ids, want_scores = index.ExactIndex(corpus).search(queries, 10)
+  ids, scores = indexes.JaxIndex(corpus, query_block=16).search(queries, 10)
+  want_ids, want_scores = indexes.ExactIndex(corpus).search(queries, 10)
   np.testing.assert_allclose(scores, want_scores, atol=1e-5)
   assert (ids == want_ids).mean() > 0.99  # float rounding may swap near-equal neighbours
 
 
 def test_scann_recall_against_exact():
   corpus, queries = _clustered(6000, 32), _clustered(100, 32, seed=2)
-  idx = index.build(corpus, "scann")
+  idx = indexes.build(corpus, "scann")
   assert idx.kind == "scann" and idx.params.num_leaves > 1
   got, _ = idx.search(queries, 20)
-  want, _ = index.ExactIndex(corpus).search(queries, 20)
+  want, _ = indexes.ExactIndex(corpus).search(queries, 20)
   recall = np.mean([len(set(g) & set(w)) / 20 for g, w in zip(got, want)])
   assert recall >= 0.9, recall
 
@@ -57,33 +58,33 @@ def test_auto_picks_exact_for_small_and_scann_for_large():
   cfg = ml_collections.ConfigDict(dict(exact_max=1000, num_leaves=8, leaves_to_search=0,
                                        reorder=0, dims_per_block=0, aq_threshold=0.0,
                                        training_sample=0))
-  assert index.build(_clustered(1000, 8), "auto", cfg).kind == "exact"
-  big = index.build(_clustered(1001, 8), "auto", cfg)
+  assert indexes.build(_clustered(1000, 8), "auto", cfg).kind == "exact"
+  big = indexes.build(_clustered(1001, 8), "auto", cfg)
   assert big.kind == "scann" and big.params.num_leaves == 8 and big.params.reorder == 500
   with pytest.raises(ValueError, match="expected one of"):
-    index.build(_clustered(10, 8), "faiss")
+    indexes.build(_clustered(10, 8), "faiss")
 
 
 def test_sharded_merge_equals_exact_and_multihost_single_process():
   corpus, queries = _clustered(1000, 16), _clustered(20, 16, seed=3)
   corpus[999] = corpus[3]  # a tie across shards: lower global id first
   queries[0] = corpus[3]
-  bounds = [index.shard_rows(1000, 3, j) for j in range(3)]
+  bounds = [indexes.shard_rows(1000, 3, j) for j in range(3)]
   assert bounds[0][0] == 0 and bounds[-1][1] == 1000
-  sharded = index.ShardedIndex([index.ExactIndex(corpus[a:b]) for a, b in bounds],
+  sharded = indexes.ShardedIndex([indexes.ExactIndex(corpus[a:b]) for a, b in bounds],
                                [a for a, _ in bounds])
   ids, scores = sharded.search(queries, 15)
-  want_ids, want_scores = index.ExactIndex(corpus).search(queries, 15)
+  want_ids, want_scores = indexes.ExactIndex(corpus).search(queries, 15)
   np.testing.assert_array_equal(ids, want_ids)
   np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
   assert ids[0, 0] == 3 and ids[0, 1] == 999
   a, b = bounds[1]
-  local = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 5)[0]
-  np.testing.assert_array_equal(local, index.ExactIndex(corpus[a:b]).search(queries, 5)[0] + a)
+  local = indexes.search_multihost(indexes.ExactIndex(corpus[a:b]), a, queries, 5)[0]
+  np.testing.assert_array_equal(local, indexes.ExactIndex(corpus[a:b]).search(queries, 5)[0] + a)
 
 
 def test_k_is_clamped_and_bad_input_is_an_error():
-  idx = index.ExactIndex(_clustered(7, 4))
+  idx = indexes.ExactIndex(_clustered(7, 4))
   ids, _ = idx.search(_clustered(2, 4), 20)
   assert ids.shape == (2, 7) and sorted(ids[0].tolist()) == list(range(7))
   with pytest.raises(ValueError, match="k: expected >= 1"):
@@ -91,23 +92,23 @@ def test_k_is_clamped_and_bad_input_is_an_error():
   with pytest.raises(ValueError, match=r"expected \[Q, 4\]"):
     idx.search(_clustered(2, 5), 3)
   with pytest.raises(ValueError, match="non-empty"):
-    index.ExactIndex(np.zeros((0, 4)))
+    indexes.ExactIndex(np.zeros((0, 4)))
 
 
 @pytest.mark.parametrize("backend", ["exact", "scann", "jax", "sharded"])
 def test_save_load_round_trip(tmp_path, backend):
   corpus, queries = _clustered(3000, 16), _clustered(30, 16, seed=4)
   if backend == "sharded":
-    idx = index.ShardedIndex([index.ExactIndex(corpus[:1200]), index.build(corpus[1200:], "scann")],
+    idx = indexes.ShardedIndex([indexes.ExactIndex(corpus[:1200]), indexes.build(corpus[1200:], "scann")],
                              [0, 1200])
   else:
-    idx = index.build(corpus, backend)
+    idx = indexes.build(corpus, backend)
   identity = {"checkpoint": "/ckpt:best (step 3)", "fingerprint": "abc", "dim": 16}
   path = str(tmp_path / "idx")
-  index.save(idx, path, identity, {"item_ids": np.arange(3000) + 7})
-  index.save(idx, path, identity, {"item_ids": np.arange(3000) + 7})  # replacing works too
+  indexes.save(idx, path, identity, {"item_ids": np.arange(3000) + 7})
+  indexes.save(idx, path, identity, {"item_ids": np.arange(3000) + 7})  # replacing works too
   assert sorted(os.listdir(tmp_path)) == ["idx"]  # no temporary directory left behind
-  loaded, meta, arrays = index.load(path, expect={"fingerprint": "abc", "dim": 16})
+  loaded, meta, arrays = indexes.load(path, expect={"fingerprint": "abc", "dim": 16})
   assert meta["identity"] == identity and loaded.size == 3000 and loaded.dim == 16
   np.testing.assert_array_equal(arrays["item_ids"], np.arange(3000) + 7)
   a, b = idx.search(queries, 12), loaded.search(queries, 12)
@@ -117,13 +118,13 @@ def test_save_load_round_trip(tmp_path, backend):
 
 def test_load_refuses_another_checkpoint_or_size(tmp_path):
   path = str(tmp_path / "idx")
-  index.save(index.ExactIndex(_clustered(50, 8)), path, {"fingerprint": "abc", "dim": 8})
-  with pytest.raises(index.IndexMismatchError, match="fingerprint='abc'.*'xyz'.*rebuild"):
-    index.load(path, expect={"fingerprint": "xyz"})
-  with pytest.raises(index.IndexMismatchError, match="dim=8 .*dim=16"):
-    index.load(path, expect={"dim": 16})
+  indexes.save(indexes.ExactIndex(_clustered(50, 8)), path, {"fingerprint": "abc", "dim": 8})
+  with pytest.raises(indexes.IndexMismatchError, match="fingerprint='abc'.*'xyz'.*rebuild"):
+    indexes.load(path, expect={"fingerprint": "xyz"})
+  with pytest.raises(indexes.IndexMismatchError, match="dim=8 .*dim=16"):
+    indexes.load(path, expect={"dim": 16})
   with pytest.raises(FileNotFoundError, match="no index here"):
-    index.load(str(tmp_path / "missing"))
+    indexes.load(str(tmp_path / "missing"))
 
 
 class _FakeScorer:
@@ -153,16 +154,16 @@ def _fake_data(n_img=60, per=3, seed=0):
 def test_evaluate_with_exact_index_equals_plain_brute_force():
   scorer, data, img, txt = _fake_data()
   cfg = ml_collections.ConfigDict(dict(k=20, index="exact"))
-  row = evaluate.evaluate(scorer, data, "be", cfg, methods=("BE",), log=lambda *_: None)[0]
+  row = evaluator.evaluate(scorer, data, "be", cfg, methods=("BE",), log=lambda *_: None)[0]
   # The evaluation as it was before index backends: rank by the full score matrix.
   rel = data.image_ids[data.caption_image][:, None] == data.image_ids[None, :]
-  t2i = metrics.first_hit_ranks(metrics.ranking_from_scores(txt @ img.T, 20), rel)
-  i2t = metrics.first_hit_ranks(metrics.ranking_from_scores(img @ txt.T, 20), rel.T)
+  t2i = metrics.first_hit_ranks(ranking.ranking_from_scores(txt @ img.T, 20), rel)
+  i2t = metrics.first_hit_ranks(ranking.ranking_from_scores(img @ txt.T, 20), rel.T)
   want = metrics.summarise(metrics.recall_at_k(t2i), metrics.recall_at_k(i2t))
   for key in ("t2i", "i2t", "mR", "rsum"):
     assert row[key] == want[key]
   # Without the field (older configs) the first stage is the same exact search.
-  old = evaluate.evaluate(scorer, data, "be", ml_collections.ConfigDict(dict(k=20)),
+  old = evaluator.evaluate(scorer, data, "be", ml_collections.ConfigDict(dict(k=20)),
                           methods=("BE",), log=lambda *_: None)[0]
   assert old["t2i"] == row["t2i"] and old["i2t"] == row["i2t"]
 
@@ -170,7 +171,7 @@ def test_evaluate_with_exact_index_equals_plain_brute_force():
 @pytest.mark.parametrize("backend", ["jax", "scann"])
 def test_evaluate_with_other_backends_is_close(backend):
   scorer, data, _, _ = _fake_data(n_img=400, per=2, seed=1)
-  rows = {b: evaluate.evaluate(scorer, data, "be", ml_collections.ConfigDict(dict(k=20, index=b)),
+  rows = {b: evaluator.evaluate(scorer, data, "be", ml_collections.ConfigDict(dict(k=20, index=b)),
                                methods=("BE",), log=lambda *_: None)[0] for b in ("exact", backend)}
   assert abs(rows[backend]["mR"] - rows["exact"]["mR"]) < 2.0
 
@@ -178,7 +179,7 @@ def test_evaluate_with_other_backends_is_close(backend):
 # ------------------------------------------------------------------ index-mined hard negatives
 
 def test_index_mining_equals_brute_force_minus_positives():
-  from rerank import mining  # noqa: PLC0415
+  from rerank.training import mining  # noqa: PLC0415
   scorer, data, img, txt = _fake_data(n_img=80, per=2, seed=5)
   ids = data.image_ids.copy()
   ids[7] = ids[3]  # two rows share an image id: both are positives of image 3's captions
@@ -195,7 +196,7 @@ def test_index_mining_equals_brute_force_minus_positives():
 
 
 def test_negative_sampling_temperature():
-  from rerank import mining  # noqa: PLC0415
+  from rerank.training import mining  # noqa: PLC0415
   rng = np.random.default_rng(0)
   ids = np.array([[4, 9, 2, -1]])
   scores = np.array([[0.9, 0.5, 0.1, -np.inf]], np.float32)
@@ -210,7 +211,7 @@ def test_negative_sampling_temperature():
 
 
 def test_mine_window_through_index_feeds_the_ce_sampler():
-  from rerank import mining  # noqa: PLC0415
+  from rerank.training import mining  # noqa: PLC0415
   scorer, data, _, _ = _fake_data(n_img=40, per=2, seed=6)
   config = ml_collections.ConfigDict(dict(
       batch_size=8, seed=0, hard_negatives=dict(top=5, index="exact", temperature=0.0)))
@@ -230,14 +231,14 @@ import sys, numpy as np, jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=pid)
-from rerank import index
+from rerank.indexing import indexes
 rng = np.random.default_rng(0)
 corpus = rng.normal(size=(501, 8)).astype(np.float32)
 queries = rng.normal(size=(7, 8)).astype(np.float32)
-a, b = index.shard_rows(len(corpus), jax.process_count(), jax.process_index())
-ids, _ = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 9)
-more, _ = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 300)  # > local rows
-everything, _ = index.search_multihost(index.ExactIndex(corpus[a:b]), a, queries, 600)
+a, b = indexes.shard_rows(len(corpus), jax.process_count(), jax.process_index())
+ids, _ = indexes.search_multihost(indexes.ExactIndex(corpus[a:b]), a, queries, 9)
+more, _ = indexes.search_multihost(indexes.ExactIndex(corpus[a:b]), a, queries, 300)  # > local rows
+everything, _ = indexes.search_multihost(indexes.ExactIndex(corpus[a:b]), a, queries, 600)
 np.savez(out, ids=ids, more=more, everything=everything)
 """
 
@@ -260,7 +261,7 @@ def test_multihost_search_merges_every_hosts_shard(tmp_path):
   rng = np.random.default_rng(0)
   corpus = rng.normal(size=(501, 8)).astype(np.float32)
   queries = rng.normal(size=(7, 8)).astype(np.float32)
-  exact = index.ExactIndex(corpus)
+  exact = indexes.ExactIndex(corpus)
   for i in range(2):  # both hosts hold the same global top-k
     got = np.load(tmp_path / f"ids{i}.npz")
     np.testing.assert_array_equal(got["ids"], exact.search(queries, 9)[0])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rerank import losses
+from rerank.training import losses
 
 SEEDS = (0, 1, 2, 3)
 

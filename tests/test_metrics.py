@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rerank import metrics
+from rerank.evaluation import metrics
+from rerank.indexing import ranking
 
 
 def _first_hit_brute(ranking, relevant_sets):
@@ -79,10 +80,10 @@ def test_ranking_tie_break_hand_case():
   want = np.array([[1, 3, 0, 2, 4],
                    [0, 1, 2, 3, 4],
                    [2, 4, 1, 3, 0]])
-  np.testing.assert_array_equal(metrics.ranking_from_scores(scores), want)
+  np.testing.assert_array_equal(ranking.ranking_from_scores(scores), want)
   # Truncation cuts through tie groups; the lower ids must win.
-  np.testing.assert_array_equal(metrics.ranking_from_scores(scores, k=3), want[:, :3])
-  np.testing.assert_array_equal(metrics.ranking_from_scores(scores, k=1), want[:, :1])
+  np.testing.assert_array_equal(ranking.ranking_from_scores(scores, k=3), want[:, :3])
+  np.testing.assert_array_equal(ranking.ranking_from_scores(scores, k=1), want[:, :1])
 
 
 @pytest.mark.parametrize("seed", (0, 1, 2, 3))
@@ -90,10 +91,10 @@ def test_ranking_tie_break_hand_case():
 def test_ranking_topk_equals_full_prefix(seed, dtype):
   rng = np.random.default_rng(seed)
   scores = rng.integers(0, 5, size=(16, 40)).astype(dtype)  # many ties
-  full = metrics.ranking_from_scores(scores)
+  full = ranking.ranking_from_scores(scores)
   np.testing.assert_array_equal(full, _ranking_brute(scores.astype(np.int64)))
   for k in (1, 2, 5, 13, 39, 40, 100):
-    got = metrics.ranking_from_scores(scores, k=k)
+    got = ranking.ranking_from_scores(scores, k=k)
     assert got.shape == (16, min(k, 40))
     np.testing.assert_array_equal(got, full[:, :k], err_msg=f"k={k}")
 
@@ -105,17 +106,17 @@ def test_ranking_topk_mixed_tied_and_distinct_rows(seed):
   rng = np.random.default_rng(seed)
   scores = rng.normal(size=(12, 50))
   scores[::2] = rng.integers(0, 3, size=(6, 50))
-  full = metrics.ranking_from_scores(scores)
+  full = ranking.ranking_from_scores(scores)
   np.testing.assert_array_equal(full, _ranking_brute(scores))
   for k in (1, 3, 10, 49):
-    np.testing.assert_array_equal(metrics.ranking_from_scores(scores, k=k), full[:, :k])
+    np.testing.assert_array_equal(ranking.ranking_from_scores(scores, k=k), full[:, :k])
 
 
 def test_ranking_with_nan_matches_full_sort():
   scores = np.array([[0.2, np.nan, 0.9, 0.2], [np.nan, np.nan, 0.1, 0.3]])
-  full = metrics.ranking_from_scores(scores)
+  full = ranking.ranking_from_scores(scores)
   np.testing.assert_array_equal(full, [[2, 0, 3, 1], [3, 2, 0, 1]])
-  np.testing.assert_array_equal(metrics.ranking_from_scores(scores, k=3), full[:, :3])
+  np.testing.assert_array_equal(ranking.ranking_from_scores(scores, k=3), full[:, :3])
 
 
 def test_end_to_end_scores_to_recall():
@@ -124,7 +125,7 @@ def test_end_to_end_scores_to_recall():
                      [0.1, 0.2, 0.8, 0.9],
                      [0.5, 0.5, 0.1, 0.0]])
   relevant = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0]], bool)
-  ranks = metrics.first_hit_ranks(metrics.ranking_from_scores(scores, k=2), relevant)
+  ranks = metrics.first_hit_ranks(ranking.ranking_from_scores(scores, k=2), relevant)
   np.testing.assert_array_equal(ranks, [0, 1, 1])
   r = metrics.recall_at_k(ranks, ks=(1, 2))
   np.testing.assert_allclose([r["R@1"], r["R@2"]], [100 / 3, 100.0])

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rerank import mining
+from rerank.training import mining
 from rerank.data import batches
 
 

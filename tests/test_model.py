@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rerank.models import encoder as encoder_lib
-from rerank.models import retrieval
+from rerank.models import heads
 
 V, T, R, F = 50, 7, 3, 2054
 
@@ -15,7 +15,7 @@ V, T, R, F = 50, 7, 3, 2054
 def _model(**kw):
   cfg = encoder_lib.EncoderConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
                                   max_position_embeddings=32, **kw)
-  return retrieval.RetrievalModel(cfg, cls_token_id=2)
+  return heads.RetrievalModel(cfg, cls_token_id=2)
 
 
 def _inputs(seed=0, b=3):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rerank import distributed
+from rerank.training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -34,7 +34,7 @@ def test_two_processes_of_four_devices_equal_one_device(tmp_path):
   assert info["layout"]["intermediate"]["spec"] == ["data", "model"]
   assert info["layout"]["intermediate"]["shard"] == [16, 64]
   # The reference: the same step on this test process's first device.
-  ref = step_worker.build()
+  ref = step_worker.build_step()
   step_worker.run_layout("ref", *ref, out)
   step_worker.assert_same_step(out, "fsdp_tp")
 

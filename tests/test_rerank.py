@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rerank import rerank
+from rerank.indexing import ranking
 
 
 def test_topk_follows_ce_order_and_tail_keeps_be_order():
@@ -11,7 +11,7 @@ def test_topk_follows_ce_order_and_tail_keeps_be_order():
   be = np.stack([rng.permutation(30) for _ in range(6)])  # [Q, C]
   k = 8
   ce = rng.normal(size=(6, k))
-  out = rerank.rerank_topk(be, ce)
+  out = ranking.rerank_topk(be, ce)
   for q in range(6):
     # Brute force: sort the k candidates by their CE score, highest first.
     want = [c for _, c in sorted(zip(-ce[q], be[q, :k]))]
@@ -22,10 +22,10 @@ def test_topk_follows_ce_order_and_tail_keeps_be_order():
 
 def test_ties_keep_be_order():
   be = np.array([[5, 3, 9, 1]])
-  out = rerank.rerank_topk(be, np.array([[1.0, 2.0, 1.0]]))
+  out = ranking.rerank_topk(be, np.array([[1.0, 2.0, 1.0]]))
   assert out.tolist() == [[3, 5, 9, 1]]
 
 
 def test_k_larger_than_ranking_is_an_error():
   with pytest.raises(ValueError, match="fewer than k"):
-    rerank.rerank_topk(np.zeros((1, 3), int), np.zeros((1, 4)))
+    ranking.rerank_topk(np.zeros((1, 3), int), np.zeros((1, 4)))

@@ -9,12 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from rerank import checkpoint
-from rerank import evaluate
-from rerank import index
-from rerank import rerank
-from rerank import retriever
-from rerank import steps
+from rerank.models import build
+
+from rerank.training import checkpoints
+from rerank.evaluation import evaluator
+from rerank.indexing import indexes
+from rerank.indexing import ranking
+from rerank.inference import reranker
+from rerank.inference import retriever
+from rerank.training import steps
 from rerank.data import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,12 +31,12 @@ def _make_workdir(path, seed=0):
   """A training workdir with a checkpoint of fresh parameters (no training needed here)."""
   config = demo.get_config("runlocal")
   tok = datasets.get_tokenizer(config)
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   state = steps.init_train_state(model, config, steps.optimizer(config), jax.random.PRNGKey(seed))
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
-  ckpts = checkpoint.Checkpoints(path, async_save=False)
+  ckpts = checkpoints.Checkpoints(path, async_save=False)
   ckpts.save(0, state)
   ckpts.close()
   return config, tok, model, state["params"]
@@ -55,8 +58,8 @@ def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
   _, _, config, tok, model, params = built
   data, _ = datasets.load_split(config, "test", tok, 32)
   k = 6
-  rr = rerank.Reranker(model, k=k, query_block=4)
-  scorer = evaluate.Scorer(model, config.mode, 32, params)
+  rr = reranker.Reranker(model, k=k, query_block=4)
+  scorer = evaluator.Scorer(model, config.mode, 32, params)
 
   def pairs(rows, cand):
     b = len(rows)
@@ -70,7 +73,7 @@ def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
     be = np.sort(rng.random((q, 10)).astype(np.float32), axis=1)[:, ::-1]
     out = rr(params, pairs, be_ids, be)
     ce = scorer.pairs(data, np.repeat(np.arange(q), k), be_ids[:, :k].reshape(-1)).reshape(q, k)
-    np.testing.assert_array_equal(out["ids"], rerank.rerank_topk(be_ids, ce))
+    np.testing.assert_array_equal(out["ids"], ranking.rerank_topk(be_ids, ce))
     np.testing.assert_allclose(out["ce"][:, :k], -np.sort(-ce, axis=1), atol=1e-4)
     np.testing.assert_array_equal(out["be"][:, k:], be[:, k:])
     assert np.isnan(out["ce"][:, k:]).all()
@@ -82,10 +85,10 @@ def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
   assert rr.fn._cache_size() == 1  # noqa: SLF001
 
   # alpha = 0 fusion is the cosine alone: the BE order comes back unchanged.
-  mix = rerank.Reranker(model, k=k, query_block=4, fusion="mix", alpha=0.0)
+  mix = reranker.Reranker(model, k=k, query_block=4, fusion="mix", alpha=0.0)
   np.testing.assert_array_equal(mix(params, pairs, be_ids, be)["ids"], be_ids)
   with pytest.raises(ValueError, match="fusion"):
-    rerank.make_rerank_fn(model, fusion="sum")
+    reranker.make_rerank_fn(model, fusion="sum")
 
 
 def test_retriever_search_encode_predict(built):
@@ -94,7 +97,7 @@ def test_retriever_search_encode_predict(built):
   queries = ["a red cube", "a small blue sphere left of a torus"]
   be = r.search(queries, k=8, rerank=False)
   emb_q, emb_i = r.encode_texts(queries), r.encode_images(np.arange(32))
-  want = index.ExactIndex(emb_i).search(emb_q, 8)[0]
+  want = indexes.ExactIndex(emb_i).search(emb_q, 8)[0]
   assert [[h["row"] for h in hits] for hits in be] == want.tolist()
   rr = r.search(queries, k=8, rerank=True)
   for query, hits, be_hits in zip(queries, rr, be):
@@ -112,7 +115,7 @@ def test_index_from_another_checkpoint_is_refused(built, tmp_path):
   _, out, *_ = built
   other = str(tmp_path / "other")
   _make_workdir(other, seed=1)
-  with pytest.raises(index.IndexMismatchError, match="fingerprint"):
+  with pytest.raises(indexes.IndexMismatchError, match="fingerprint"):
     retriever.Retriever.load(out, checkpoint_dir=other)
 
 

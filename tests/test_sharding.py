@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from rerank import sharding
-from rerank import steps
+from rerank.models import build
+
+from rerank.training import sharding
+from rerank.training import steps
 from rerank.data import batches
 from rerank.data import datasets
 
@@ -92,12 +94,12 @@ def _ce_setup(**model_overrides):
   config.model.update(model_overrides)
   tok = datasets.get_tokenizer(config)
   data, _ = datasets.load_split(config, "train", tok, config.dataset.num_train_images)
-  batch = batches.train_batch(data, "ce", config.batch_size, 0, 0)
+  batch = batches.train_batch(data, ("ce",), config.batch_size, 0, 0)
   return config, tok, batch
 
 
 def _step(config, tok, batch):
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
   state = steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
   return jax.jit(steps.make_train_step(model, config, tx))(state, batch)

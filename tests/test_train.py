@@ -9,10 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from rerank import checkpoint
-from rerank import steps
+from rerank.models import build
+
+from rerank.training import checkpoints
+from rerank.training import steps
 from rerank.data import batches
 from rerank.data import datasets
+from rerank.models import modes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -28,7 +31,7 @@ def _config(mode="joint_alternate", **overrides):
 def _setup(config):
   tok = datasets.get_tokenizer(config)
   data, _ = datasets.load_split(config, "train", tok, config.dataset.num_train_images)
-  model = steps.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
   return data, model, tx, steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
 
@@ -39,7 +42,7 @@ def test_short_training_lowers_the_loss(mode):
   data, model, tx, state = _setup(config)
   step_fn = jax.jit(steps.make_train_step(model, config, tx))
   # The same two batches over and over: the loss on them must fall.
-  fixed = [batches.train_batch(data, config.mode, config.batch_size, 0, s) for s in range(2)]
+  fixed = [batches.train_batch(data, modes.get(config.mode).batch_parts, config.batch_size, 0, s) for s in range(2)]
   losses = []
   for s in range(40):
     state, m = step_fn(state, fixed[s % 2])
@@ -67,7 +70,7 @@ def test_no_weight_decay_on_bias_and_layernorm():
 def test_checkpoint_round_trip(tmp_path):
   config = _config()
   _, _, _, state = _setup(config)
-  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  ckpts = checkpoints.Checkpoints(str(tmp_path), keep=2)
   ckpts.save(3, state)
   ckpts.save_best(3, state["params"], 12.5)
   ckpts.wait()

@@ -223,11 +223,11 @@ def ce_group_batch(data: RetrievalData, rows: np.ndarray, rng: np.random.Generat
           "regions": regions, "region_mask": region_mask}
 
 
-def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step: int,
+def train_batch(data: RetrievalData, parts: tuple[str, ...], batch_size: int, seed: int, step: int,
                 mined: dict | None = None, hard_prob: float = 0.0,
                 confuser_prob: float = 0.0, ce_group: dict | None = None,
                 num_be_negatives: int = 0, lazy: bool = False) -> dict:
-  """Everything one training step of `mode` needs: {"be": ...} and/or {"ce": ...}.
+  """Everything one training step needs: the `parts` of ("be", "ce") its mode trains.
 
   `ce_group` = dict(captions=, size=, confusers=) switches the CE batch to `ce_group_batch`
   over the first `captions` captions of the step. `num_be_negatives` > 0 adds that many
@@ -236,13 +236,13 @@ def train_batch(data: RetrievalData, mode: str, batch_size: int, seed: int, step
   """
   rows = caption_rows(data.num_texts, batch_size, seed, step)
   out = {}
-  if mode != "ce":
+  if "be" in parts:
     negatives = (be_negatives(data, rows, _rng(seed, 3, step), num_be_negatives, mined)
                  if num_be_negatives else None)
     out["be"] = be_batch(data, rows, negatives, lazy)
-  if mode != "be" and ce_group:
+  if "ce" in parts and ce_group:
     out["ce"] = ce_group_batch(data, rows[:ce_group["captions"]], _rng(seed, 1, step),
                                ce_group["size"], ce_group["confusers"], lazy)
-  elif mode != "be":
+  elif "ce" in parts:
     out["ce"] = ce_batch(data, rows, _rng(seed, 1, step), mined, hard_prob, confuser_prob, lazy)
   return out

@@ -50,8 +50,8 @@ TOKENIZERS = {"synthetic_scenes": synthetic_scenes.build_tokenizer}
 def get_tokenizer(config) -> tokenizers.Tokenizer:
   """The dataset's tokenizer, or the converted checkpoint's when `config.init_from` is set."""
   if config.get("init_from"):
-    from rerank.models import load  # pylint: disable=import-outside-toplevel
-    return load.load_tokenizer(config.init_from)
+    from rerank.models import pretrained  # pylint: disable=import-outside-toplevel
+    return pretrained.load_tokenizer(config.init_from)
   if config.dataset.name in TOKENIZERS:
     return TOKENIZERS[config.dataset.name]()
   return prepared.bert_tokenizer(config.dataset.get("tokenizer", ""))

@@ -8,7 +8,6 @@ mesh; the model code never names a mesh axis.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -68,6 +67,11 @@ class EncoderConfig:
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
+
+  @property
+  def region_width(self) -> int:
+    """Values per region row: detector features, then box values."""
+    return self.feature_dim + self.box_dim
 
 
 def _init(std: float, axes: tuple[str, ...]):
@@ -257,6 +261,3 @@ def masked_mean(hidden, mask):
   m = mask.astype(jnp.float32)[..., None]
   return (hidden.astype(jnp.float32) * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
 
-
-def param_count(params: Any) -> int:
-  return sum(x.size for x in jax.tree_util.tree_leaves(params))

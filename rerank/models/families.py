@@ -18,7 +18,7 @@ import os
 import re
 
 from rerank.models import encoder as encoder_lib
-from rerank.models.load import ConvertError, Entry
+from rerank.models.pretrained import ConvertError, Entry
 
 FAMILIES = ("bert", "oscar", "m3p", "uniter")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}

@@ -69,48 +69,6 @@ def mrr_at_k(first_hit_ranks: np.ndarray, k: int = 10) -> float:
   return float(100.0 * np.mean(rr))
 
 
-def ranking_from_scores(scores: np.ndarray, k: int | None = None) -> np.ndarray:
-  """Candidate ids per query in descending score order, ties to the lower id.
-
-  Args:
-    scores: [Q, N] higher is better.
-    k: keep only the top k per query (None keeps all N).
-
-  Returns:
-    [Q, k] (or [Q, N]) int64; always equal to the prefix of the full stable descending sort.
-  """
-  scores = np.asarray(scores)
-  if scores.ndim != 2:
-    raise ValueError(f"scores must be [Q, N]; got shape {scores.shape}")
-  if scores.dtype == bool or np.issubdtype(scores.dtype, np.unsignedinteger):
-    scores = scores.astype(np.int64)  # negating these would flip or wrap around
-  neg = -scores  # [Q, N]; ascending order of neg == descending order of scores
-  n = scores.shape[1]
-  # argpartition cannot order NaNs the way the full sort does (last), so take the slow path.
-  if k is None or k >= n or (np.issubdtype(neg.dtype, np.floating) and np.isnan(neg).any()):
-    return np.argsort(neg, axis=1, kind="stable")[:, :k].astype(np.int64)
-  if k <= 0:
-    return np.zeros((scores.shape[0], 0), dtype=np.int64)
-
-  # The k-th best value per row. argpartition picks arbitrary members of a tie at the boundary,
-  # so its choice is trusted only in rows where that boundary tie does not straddle position k.
-  top = np.argpartition(neg, k - 1, axis=1)[:, :k]  # [Q, k] unordered
-  thresh = np.take_along_axis(neg, top, axis=1).max(axis=1, keepdims=True)  # [Q, 1]
-  straddle = np.flatnonzero((neg <= thresh).sum(axis=1) > k)  # [S] rows to redo by id
-  if straddle.size:
-    sub, sub_thresh = neg[straddle], thresh[straddle]  # [S, N], [S, 1]
-    better = sub < sub_thresh  # fewer than k per row
-    tied = sub == sub_thresh
-    n_free = k - better.sum(axis=1, keepdims=True)  # [S, 1] places left for the tie
-    # Of the boundary ties, keep the lowest ids: exactly what the stable full sort would keep.
-    keep = better | (tied & (np.cumsum(tied, axis=1) <= n_free))  # [S, N], k per row
-    top[straddle] = np.nonzero(keep)[1].reshape(straddle.size, k)
-  # Ids ascending first, so the stable sort by score leaves the lower id first among equals.
-  top = np.sort(top, axis=1)  # [Q, k]
-  order = np.argsort(np.take_along_axis(neg, top, axis=1), axis=1, kind="stable")  # [Q, k]
-  return np.take_along_axis(top, order, axis=1).astype(np.int64)
-
-
 def summarise(t2i: Mapping[str, float], i2t: Mapping[str, float]) -> dict:
   """Bundles both directions with the paper's aggregate numbers.
 

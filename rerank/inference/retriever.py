@@ -1,5 +1,7 @@
 """Python API in the spirit of sentence-transformers: load once, then encode, predict, search.
 
+  from rerank.models import build
+
   from rerank.retriever import Retriever
   r = Retriever.load("indexes/test")            # built by python -m rerank.index
   hits = r.search(["a red metal cube left of a ball"], k=20, rerank=True)
@@ -22,13 +24,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from rerank import checkpoint
-from rerank import evaluate
-from rerank import index as index_lib
-from rerank import rerank as rerank_lib
-from rerank import steps
+from rerank.training import checkpoints
+from rerank.evaluation import evaluator
+from rerank.indexing import indexes as index_lib
+from rerank.inference import reranker as rerank_lib
+from rerank.training import steps
 from rerank.data import datasets
-from rerank.models import retrieval
+from rerank.models import build
+from rerank.models import heads
+from rerank.models import modes
 
 
 def params_fingerprint(params) -> str:
@@ -47,7 +51,7 @@ class Model:
 
   config: ml_collections.ConfigDict
   tokenizer: object
-  model: retrieval.RetrievalModel
+  model: heads.RetrievalModel
   params: dict
   which: str  # e.g. "best (step 400)"
   workdir: str
@@ -68,10 +72,10 @@ def load_model(workdir: str, prefer_best: bool = True) -> Model:
     config = ml_collections.ConfigDict(json.load(f))
   tokenizer = datasets.get_tokenizer(config)
   cls_id = tokenizer.token_to_id("[CLS]")  # None for XLM-R: build_model uses init_from's
-  model = steps.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
+  model = build.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
   abstract = jax.eval_shape(functools.partial(
       steps.init_train_state, model, config, steps.optimizer(config)), jax.random.PRNGKey(0))
-  ckpts = checkpoint.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
+  ckpts = checkpoints.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
   try:
     params, which = ckpts.restore_params(abstract, prefer_best=prefer_best)
   finally:
@@ -93,7 +97,7 @@ class Retriever:
   def __init__(self, loaded: Model, corpus, captions, idx, meta: dict):
     self.m, self.corpus, self.captions, self.index, self.meta = loaded, corpus, captions, idx, meta
     cfg = loaded.config
-    self.scorer = evaluate.Scorer(loaded.model, cfg.mode, cfg.eval.batch_size, loaded.params)
+    self.scorer = evaluator.Scorer(loaded.model, cfg.mode, cfg.eval.batch_size, loaded.params)
     self.search_cfg = _search_cfg(cfg)
     self._rerankers = {}
     # The first caption of each image, to show what an image is (features are not viewable).
@@ -161,7 +165,7 @@ class Retriever:
     res = {"ids": be_ids, "be": be_scores, "ce": np.full(be_ids.shape, np.nan),
            "score": be_scores}
     if rerank:
-      if not retrieval.has_ce(self.m.config.mode):
+      if not modes.get(self.m.config.mode).has_ce:
         raise ValueError(f"rerank: the checkpoint's mode {self.m.config.mode!r} has no cross-encoder")
       res = self._reranker(be_ids.shape[1])(
           self.scorer.ce_params, functools.partial(self._pairs, toks), be_ids, be_scores)

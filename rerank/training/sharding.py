@@ -22,13 +22,18 @@ dimension of the same array already uses, stays replicated, so any rules table i
 any model size (the odd vocabulary of a tokenizer, say).
 """
 
+import dataclasses
+from typing import Any
+
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from rerank import steps
+from rerank.models import build
+
+from rerank.training import steps
 
 LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv", "mlp")
 RULES = {
@@ -101,7 +106,7 @@ def mesh_spec(logical: tuple, shape: tuple[int, ...], rules: dict, mesh: Mesh) -
 def logical_param_axes(model, config) -> dict:
   """{param key path (tuple of names): logical axis names} for the layout of `config.mode`."""
   boxed = jax.eval_shape(
-      lambda r: model.init(r, *steps.dummy_inputs(config))["params"], jax.random.PRNGKey(0))
+      lambda r: model.init(r, *build.dummy_inputs(config))["params"], jax.random.PRNGKey(0))
   specs = nn.get_partition_spec(boxed)
   flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
   axes = {tuple(k.key for k in path): tuple(spec) for path, spec in flat}
@@ -157,3 +162,38 @@ def local_replica(tree, mesh: Mesh):
   """
   replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
   return jax.tree_util.tree_map(lambda x: x.addressable_data(0), replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLayout:
+  """Where a training run's arrays live: the mesh, the rules and the resulting shardings."""
+
+  mesh: Mesh
+  rules: dict
+  state: Any  # pytree of NamedSharding, like the train state
+  batch: NamedSharding  # every batch array, split along its leading axis
+  replicated: NamedSharding
+
+
+def create_train_state(config, model, tx, devices=None) -> tuple[dict, TrainLayout]:
+  """Mesh + rules + a jitted init that creates the train state already sharded.
+
+  The one setup path of the trainer, `rerank.bench_train` and the multi-device tests.
+
+  Args:
+    config: the run's config (`mesh`, `rules`, `mode`, `seed`, model and input sizes).
+    model: the RetrievalModel.
+    tx: the optimizer.
+    devices: the devices to lay out (default: every device of every process).
+  Returns:
+    (state, layout): {step, params, opt_state, rng} placed by `layout.state`.
+  Raises:
+    ValueError: a mesh or rules table that does not fit the devices or the model.
+  """
+  mesh = make_mesh(config.mesh, devices)
+  rules = rules_from_config(config, mesh)
+  make_state = lambda: steps.init_train_state(model, config, tx, jax.random.PRNGKey(config.seed))  # noqa: E731
+  state_sh = state_shardings(jax.eval_shape(make_state), logical_param_axes(model, config), rules,
+                             mesh)
+  layout = TrainLayout(mesh, rules, state_sh, batch_sharding(mesh, rules), NamedSharding(mesh, P()))
+  return jax.jit(make_state, out_shardings=state_sh)(), layout

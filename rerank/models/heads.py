@@ -5,17 +5,14 @@
 - CE: text and regions in one sequence; score = the "match" logit of a 2-way linear head
   (dropout first) on the tanh-pooled CLS output.
 A joint model is ONE parameter tree used by both heads; a separate model is two trees,
-`{"be": ..., "ce": ...}`. `be_params` / `ce_params` pick the right one so callers never care.
+`{"be": ..., "ce": ...}`; `rerank.models.modes` says which layout a mode uses and picks the tree
+each head reads.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from rerank.models import encoder as encoder_lib
-
-# Training modes and which parameter layout each uses.
-MODES = ("be", "ce", "joint_alternate", "joint_sum", "separate")
-
 
 class RetrievalModel(nn.Module):
   cfg: encoder_lib.EncoderConfig
@@ -55,18 +52,3 @@ class RetrievalModel(nn.Module):
             self.embed_image(regions, region_mask, deterministic),
             self.score_pairs(token_ids, text_mask, regions, region_mask, deterministic))
 
-
-def be_params(params, mode: str):
-  return params["be"] if mode == "separate" else params
-
-
-def ce_params(params, mode: str):
-  return params["ce"] if mode == "separate" else params
-
-
-def has_be(mode: str) -> bool:
-  return mode != "ce"
-
-
-def has_ce(mode: str) -> bool:
-  return mode != "be"

@@ -1,7 +1,7 @@
 """Pure, jittable pieces of training: model construction, optimizer, losses, the update step.
 
 Everything here is a function of its arguments (params, batch, rng); the trainer loop in
-`rerank/train.py` owns side effects. Modes (see `retrieval.MODES`):
+`rerank/train.py` owns side effects. Modes (see `rerank.models.modes`):
 - `be`, `ce`: one objective, one optimizer.
 - `joint_alternate`: ONE parameter tree, two optimizers (as the authors' multi-objective fit):
   each step does a BE update and then a CE update, each with its own forward/backward/clip.
@@ -11,81 +11,13 @@ Everything here is a function of its arguments (params, batch, rng); the trainer
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from rerank import losses
-from rerank.models import encoder as encoder_lib
-from rerank.models import retrieval
-
-
-# With `config.init_from`, these config.model fields still apply; the architecture (sizes, eps,
-# activation, input layout) comes from the converted checkpoint.
-_RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention_dropout_rate")
-
-
-def build_model(config, cls_token_id: int, vocab_size: int) -> retrieval.RetrievalModel:
-  fields = {k: v for k, v in config.model.to_dict().items() if k != "head_dropout"}
-  if config.get("init_from"):
-    from rerank.models import load  # pylint: disable=import-outside-toplevel
-    meta = load.read_meta(config.init_from)
-    runtime = {k: fields[k] for k in _RUNTIME_FIELDS if k in fields}
-    cfg = load.encoder_config(meta, **runtime)
-    width = config.model.feature_dim + config.model.box_dim
-    if cfg.feature_dim + cfg.box_dim != width:
-      raise ValueError(f"config.init_from {config.init_from!r}: the checkpoint embeds regions of "
-                       f"{cfg.feature_dim}+{cfg.box_dim} values; config.model has {width}")
-    longest = config.max_text_len + (config.max_regions if cfg.positions == "sequence" else 0)
-    if longest + cfg.position_offset > cfg.max_position_embeddings:
-      raise ValueError(f"config.max_text_len {config.max_text_len}: the checkpoint {config.init_from!r} has "
-                       f"{cfg.max_position_embeddings} positions (offset {cfg.position_offset}); at most "
-                       f"{cfg.max_position_embeddings - cfg.position_offset} tokens per sequence fit")
-    cls_token_id = meta["cls_token_id"]
-  else:
-    cfg = encoder_lib.EncoderConfig(vocab_size=vocab_size, **fields)
-  return retrieval.RetrievalModel(cfg, cls_token_id=cls_token_id,
-                                  head_dropout=config.model.get("head_dropout", 0.1))
-
-
-def with_pretrained_encoder(params, encoder_params, mode: str):
-  """`params` with every encoder tree replaced by `encoder_params` (heads keep their init).
-
-  Raises ValueError naming the first parameter whose path or shape differs.
-  """
-  def replace(tree):
-    want = jax.tree_util.tree_flatten_with_path(tree["encoder"])[0]
-    have = dict(jax.tree_util.tree_flatten_with_path(encoder_params)[0])
-    if len(have) != len(want):
-      raise ValueError(f"init_from: checkpoint has {len(have)} encoder tensors, the model {len(want)}")
-    for path, leaf in want:
-      if path not in have or tuple(have[path].shape) != tuple(leaf.shape):
-        found = tuple(have[path].shape) if path in have else "nothing"
-        raise ValueError(f"init_from: encoder{jax.tree_util.keystr(path)}: model expects "
-                         f"{tuple(leaf.shape)}, checkpoint has {found}")
-    new = jax.tree_util.tree_map(lambda x, y: jnp.asarray(y, x.dtype), tree["encoder"], encoder_params)
-    return {**tree, "encoder": new}
-  if mode == "separate":
-    return {k: replace(v) for k, v in params.items()}
-  return replace(params)
-
-
-def dummy_inputs(config, batch: int = 1):
-  regions_width = config.model.feature_dim + config.model.box_dim
-  return (jnp.zeros((batch, config.max_text_len), jnp.int32),
-          jnp.ones((batch, config.max_text_len), bool),
-          jnp.zeros((batch, config.max_regions, regions_width), jnp.float32),
-          jnp.ones((batch, config.max_regions), bool))
-
-
-def init_params(model, config, rng):
-  """Fresh float32 parameters in the layout of `config.mode` (unboxed from logical metadata)."""
-  init = lambda r: nn.unbox(model.init(r, *dummy_inputs(config))["params"])  # noqa: E731
-  if config.mode == "separate":
-    r_be, r_ce = jax.random.split(rng)
-    return {"be": init(r_be), "ce": init(r_ce)}
-  return init(rng)
+from rerank.models import build
+from rerank.models import modes
+from rerank.training import losses
 
 
 def schedule(config) -> optax.Schedule:
@@ -121,7 +53,7 @@ def init_opt_state(tx, params, mode: str):
 def init_train_state(model, config, tx, rng) -> dict:
   """{step, params, opt_state, rng}: everything a checkpoint holds and resume restores."""
   r_init, r_train = jax.random.split(rng)
-  params = init_params(model, config, r_init)
+  params = build.init_params(model, config, r_init)
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "opt_state": init_opt_state(tx, params, config.mode), "rng": r_train}
 
@@ -248,7 +180,7 @@ def train_step(model, config, tx, state, batch):
     p_ce, opt["ce"], l_ce, m_ce = update(ce_fn, params["ce"], opt["ce"], r_ce, "ce_")
     params, loss, metrics = {"be": p_be, "ce": p_ce}, l_be + l_ce, {**m_be, **m_ce}
   else:
-    raise ValueError(f"config.mode: expected one of {retrieval.MODES}; found {mode!r}")
+    raise ValueError(f"config.mode: expected one of {list(modes.MODES)}; found {mode!r}")
   metrics["loss"] = loss
   metrics["lr"] = schedule(config)(state["step"])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt, "rng": rng}

@@ -10,7 +10,7 @@ ScaNN, JAX top-k) and negatives are drawn with a temperature over the mined scor
 
 import numpy as np
 
-from rerank import index as index_lib
+from rerank.indexing import indexes as index_lib
 from rerank.data import batches
 
 
