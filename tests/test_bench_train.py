@@ -1,11 +1,11 @@
 """The training benchmark's size table and its FLOP count (the run itself is a GPU-side command)."""
 
+from configs import common as config_common
 from rerank import bench_train
-from rerank import config_utils
 
 
 def test_sizes_match_the_configs():
-  assert bench_train.SIZES == config_utils.SIZES
+  assert bench_train.SIZES == config_common.SIZES
 
 
 def test_step_flops_by_hand():
