@@ -166,21 +166,20 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
         row = dict(jax.device_get(step_metrics))
         steps.check_finite(step, row, checked)
         checked = step
-        if is_log or is_eval:
-          # One metrics.jsonl line per logged step, always with the loss (docs/DESIGN.md).
-          if is_log:
-            now = time.perf_counter()
-            rate = (step - s_last) / (now - t_last)
-            t_last, s_last = now, step
-            row["steps_per_second"] = rate
-            shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(row.items())
-                             if k.endswith("loss") or k.endswith("acc"))
-            log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
-                flush=True)
-          if is_eval:
-            row["dev_score"] = dev_score(state["params"])
-            ckpts.save_best(step, state["params"], row["dev_score"])
-            log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
+        if is_log:
+          now = time.perf_counter()
+          rate = (step - s_last) / (now - t_last)
+          t_last, s_last = now, step
+          row["steps_per_second"] = rate
+          shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(row.items())
+                           if k.endswith("loss") or k.endswith("acc"))
+          log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
+              flush=True)
+        if is_eval:
+          row["dev_score"] = dev_score(state["params"])
+          ckpts.save_best(step, state["params"], row["dev_score"])
+          log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
+        if is_log or is_eval:  # one metrics.jsonl line per logged step, always with the loss
           writer.write(step, row)
         if is_ckpt:
           ckpts.save(step, state)
