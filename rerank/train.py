@@ -95,8 +95,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
   mesh = layout.mesh
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   log(f"model: mode={mode.name} size={model.cfg.hidden_size}x{model.cfg.num_layers} "
-      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
-      f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
+      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) "
+      f"({jax.devices()[0].platform}), {jax.process_count()} process(es), mesh {dict(mesh.shape)}")
 
   # ---------------------------------------------------------------- update step
   train_step = jax.jit(steps.make_train_step(model, config, tx), donate_argnums=(0,),

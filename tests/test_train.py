@@ -118,7 +118,7 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
-  """train_and_evaluate called from Python on configs/demo.py:runlocal: (config, workdir, results)."""
+  """train_and_evaluate called from Python on demo.py:runlocal: (config, workdir, results)."""
   workdir = str(tmp_path_factory.mktemp("in_process"))
   config = demo.get_config("runlocal")
   return config, workdir, train.train_and_evaluate(config, workdir)
@@ -172,7 +172,8 @@ def test_non_finite_loss_stops_training_before_it_is_saved(tmp_path, monkeypatch
   for name in ("be_loss=nan", " loss=nan", "ce_loss=", "be_grad_norm=", "ce_grad_norm="):
     assert name in message, message
   assert "\n" not in message
-  saved = lambda d: sorted(int(n) for n in os.listdir(os.path.join(workdir, d)) if n.isdigit())  # noqa: E731
+  def saved(d):
+    return sorted(int(n) for n in os.listdir(os.path.join(workdir, d)) if n.isdigit())
   assert saved("checkpoints") == [3] and saved("best") == [3]  # nothing of step 4
   assert sorted(_losses(workdir)) == [2, 3]
   assert not os.path.exists(os.path.join(workdir, "results.json"))

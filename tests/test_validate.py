@@ -14,9 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import demo  # noqa: E402
 
-CONFIG_FILES = sorted(os.path.relpath(p, REPO)
-                      for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
-                      if "get_config" in open(p).read())
+CONFIG_FILES = sorted(
+    os.path.relpath(p, REPO)
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True)
+    if "def get_config" in open(p).read())
 
 
 def _runlocal(**overrides):

@@ -1,8 +1,8 @@
 """Pure, jittable pieces of training: model construction, optimizer, losses, the update step.
 
 Everything here is a function of its arguments (params, batch, rng); the trainer loop in
-`rerank/train.py` owns side effects, and calls `check_finite` on the metrics it fetches. What a step updates comes from the mode
-(`rerank.models.modes.Mode.updates`):
+`rerank/train.py` owns side effects, and calls `check_finite` on the metrics it fetches.
+What a step updates comes from the mode (`rerank.models.modes.Mode.updates`):
 - `be`, `ce`: one objective, one optimizer.
 - `joint_alternate`: ONE parameter tree, two optimizers (as the authors' multi-objective fit):
   each step does a BE update and then a CE update, each with its own forward/backward/clip.
@@ -204,14 +204,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_finite(step: int, metrics: dict, last_checked: int = 0) -> None:
-  """Raises NonFiniteLossError if a loss or gradient norm in the host copy of `metrics` is not finite.
+  """Raises NonFiniteLossError if a loss or gradient norm in (host) `metrics` is not finite.
 
   Args:
     step: the step these metrics come from.
     metrics: {name: scalar} of `train_step`, fetched to the host.
     last_checked: the previous step that was checked: the values went bad in (last_checked, step].
   """
-  watched = {k: float(v) for k, v in metrics.items() if k.endswith("loss") or k.endswith("grad_norm")}
+  watched = {k: float(v) for k, v in metrics.items()
+             if k.endswith("loss") or k.endswith("grad_norm")}
   if all(math.isfinite(v) for v in watched.values()):
     return
   values = " ".join(f"{k}={v:.6g}" for k, v in sorted(watched.items()))

@@ -157,8 +157,8 @@ def _losses(c: _Checker, mode: modes.Mode | None) -> None:
     confusers = c.get("loss.ce_group.confusers", 0)
     if size and (isinstance(confusers, bool) or not isinstance(confusers, int)
                  or not 0 <= confusers < size):
-      c.problem("loss.ce_group.confusers", f"an integer in [0, loss.ce_group.size - 1 = {size - 1}]",
-                confusers)
+      c.problem("loss.ce_group.confusers",
+                f"an integer in [0, loss.ce_group.size - 1 = {size - 1}]", confusers)
     accum = c.get("grad_accum", 1)
     if captions and isinstance(accum, int) and accum > 1 and captions % (2 * accum):
       # Micro-batches split the CE rows in halves and then in grad_accum parts (steps.py);
