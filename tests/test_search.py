@@ -12,9 +12,9 @@ import pytest
 from rerank.models import build
 
 from rerank.training import checkpoints
-from rerank.evaluation import evaluator
 from rerank.indexing import indexes
 from rerank.indexing import ranking
+from rerank.inference import engine
 from rerank.inference import reranker
 from rerank.inference import retriever
 from rerank.training import steps
@@ -59,7 +59,7 @@ def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
   data, _ = datasets.load_split(config, "test", tok, 32)
   k = 6
   rr = reranker.Reranker(model, k=k, query_block=4)
-  scorer = evaluator.Scorer(model, config.mode, 32, params)
+  scorer = engine.DataScorer(engine.Engine(model, config.mode, 32, params))
 
   def pairs(rows, cand):
     b = len(rows)
