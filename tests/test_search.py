@@ -107,6 +107,7 @@ def test_retriever_search_encode_predict(built):
     rows = [h["row"] for h in hits]
     np.testing.assert_allclose(r.predict([query] * len(rows), rows), ce, atol=1e-4)
   assert len(r.search("a cube", k=500)[0]) == 32  # k beyond the corpus is clamped
+  assert len(r.search("a cube", rerank=False)[0]) == r.m.config.eval.k  # k's one home
   with pytest.raises(ValueError, match="non-empty"):
     r.search(["  "])
 

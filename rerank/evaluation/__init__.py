@@ -1,4 +1,6 @@
-"""Evaluation: BE / CE / RR recall tables, results files, the paper's tables.
+"""Evaluation: BE / CE / RR recall tables over a split, a fold mean or an enlarged corpus
+(`evaluator`), the metrics (`metrics`), results files, and the sibling report (`siblings`).
+Models run through `rerank.inference.engine` (a `DataScorer` over a dataset's rows).
 
 May import `rerank.inference`, `rerank.indexing`, `rerank.models` and `rerank.data`; never
 training's loop or an entry point.
