@@ -114,7 +114,7 @@ def restore_workdir(workdir: str, latest: bool = False, config=None) -> Restored
   if config is None:
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(cfg_path):
-      raise FileNotFoundError(f"{cfg_path}: not found; --checkpoint must be a training workdir "
+      raise FileNotFoundError(f"{cfg_path}: not found; expected a training workdir "
                               "(python -m rerank.train ... --workdir=DIR)")
     with open(cfg_path) as f:
       config = ml_collections.ConfigDict(json.load(f))
