@@ -123,14 +123,12 @@ def restore_workdir(workdir: str, latest: bool = False, config=None) -> Restored
   model = build.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
   abstract = jax.eval_shape(functools.partial(
       steps.init_train_state, model, config, steps.optimizer(config)), jax.random.PRNGKey(0))
-  ckpts = checkpoints.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2))
-  try:
-    params, which = ckpts.restore_params(abstract, prefer_best=not latest)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"checkpoint in {workdir!r} does not match its config (mode={config.mode}, "
-                     f"model={config.model.hidden_size}x{config.model.num_layers}): {e}") from e
-  finally:
-    ckpts.close()
+  with checkpoints.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2)) as ckpts:
+    try:
+      params, which = ckpts.restore_params(abstract, prefer_best=not latest)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"checkpoint in {workdir!r} does not match its config (mode={config.mode}, "
+                       f"model={config.model.hidden_size}x{config.model.num_layers}): {e}") from e
   if params is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in checkpoints/ or best/; train first")
   return Restored(model, params, modes.get(config.mode), tokenizer, config, which, workdir,
