@@ -66,7 +66,7 @@ def converted(tmp_path_factory):
 def _reference_text(conv, texts, max_len=72):
   meta = pretrained.read_meta(conv)
   cfg = pretrained.encoder_config(meta)
-  ids, mask = datasets.tokenize(pretrained.load_tokenizer(conv), texts, max_len)
+  ids, mask = datasets.tokenize(datasets.load_tokenizer(conv), texts, max_len)
   hidden, m, _ = encoder_lib.Encoder(cfg).apply({"params": pretrained.load_encoder_params(conv)}, ids, mask)
   m = np.asarray(m, np.float32)[..., None]
   return (np.asarray(hidden) * m).sum(1) / m.sum(1), ids

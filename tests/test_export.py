@@ -58,7 +58,7 @@ def test_export_writes_the_encoder_that_init_from_and_encode_read(tmp_path):
   assert meta["family"] == "rerank" and meta["checkpoint"] == "latest (step 3)"
   assert pretrained.is_converted(dst) and pretrained.read_meta(dst) == json.loads(json.dumps(meta))
   _assert_same_tree(pretrained.load_encoder_params(dst), state["params"]["encoder"])
-  assert pretrained.load_tokenizer(dst).get_vocab() == tok.get_vocab()
+  assert datasets.load_tokenizer(dst).get_vocab() == tok.get_vocab()
   # The default picks the best checkpoint, whose parameters differ from the newest.
   export.export(str(tmp_path / "wd"), str(tmp_path / "best"), log=lambda *_: None)
   _assert_same_tree(pretrained.load_encoder_params(str(tmp_path / "best")), best["params"]["encoder"])

@@ -146,7 +146,7 @@ def restore_converted(path: str, max_text_len: int | None = None, max_regions: i
   positions = cfg.max_position_embeddings - cfg.position_offset
   text_len = min(max_text_len or (130 if cfg.visual == "m3p" else 72), positions)
   regions = min(max_regions, positions - 1) if cfg.positions == "sequence" else max_regions
-  return Restored(model, params, modes.get("be"), pretrained.load_tokenizer(path), None,
+  return Restored(model, params, modes.get("be"), datasets.load_tokenizer(path), None,
                   f"converted {meta['family']} checkpoint", os.path.abspath(path), text_len,
                   regions)
 
