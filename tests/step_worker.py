@@ -8,7 +8,8 @@ launch/local_multiprocess.sh. For each layout it sets up the train state through
 `sharding.create_train_state`, as the trainer does, runs one step of the runlocal demo config
 from the same seed and batch, and process 0 writes DIR/<layout>.npz (loss and every updated parameter) and DIR/<layout>.json
 (the sharding the rules gave a few parameters and their Adam moments, so the test can check
-they were applied; the layout's bytes per device; the setup's log lines).
+they were applied; the layout's bytes per device and those device 0 really holds; the
+setup's log lines).
 """
 
 import argparse
@@ -81,6 +82,9 @@ def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
     mu, nu = _get(adam.mu, path[1:]), _get(adam.nu, path[1:])
     watched[key] = {"spec": list(leaf.sharding.spec), "shard": list(leaf.addressable_data(0).shape),
                     "mu_spec": list(mu.sharding.spec), "nu_spec": list(nu.sharding.spec)}
+  # What one device really holds, to check the layout's computed figures against.
+  held = {k: sum(x.addressable_data(0).nbytes for x in jax.tree_util.tree_leaves(state[k]))
+          for k in ("params", "opt_state")}
   params = sharding.local_replica(state["params"], layout.mesh)
   loss = float(np.asarray(metrics["loss"]))
   if distributed.is_main():
@@ -89,7 +93,7 @@ def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
     np.savez(os.path.join(out_dir, f"{name}.npz"), loss=loss, **flat)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
       json.dump({"layout": watched, "mesh": dict(layout.mesh.shape), "loss": loss,
-                 "size": dataclasses.asdict(layout.size), "log": lines,
+                 "size": dataclasses.asdict(layout.size), "held": held, "log": lines,
                  "devices": jax.device_count(), "processes": jax.process_count()}, f)
 
 

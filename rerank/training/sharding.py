@@ -192,16 +192,13 @@ def tree_shardings(boxed, rules: Rules, mesh: Mesh, log: Callable[[str], None] |
   apply for.
   """
   is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-  seen = set()
 
   def one(path, leaf):
     if not is_box(leaf):
       return NamedSharding(mesh, P())
     spec, reasons = mesh_axes(leaf.names, leaf.value.shape, rules, mesh)
-    for reason in reasons:
-      if log is not None and (_path(path), reason) not in seen:
-        seen.add((_path(path), reason))
-        log(f"sharding: {_path(path)} {reason}")
+    for reason in reasons if log is not None else ():
+      log(f"sharding: {_path(path)} {reason}")  # reasons name their dimension: no repeats
     return NamedSharding(mesh, spec)
   return jax.tree_util.tree_map_with_path(one, boxed, is_leaf=is_box)
 
