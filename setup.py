@@ -6,7 +6,9 @@ setuptools.setup(
     name="rerank",
     version="0.1.0",
     description="Retrieve Fast, Rerank Smart: joint bi-/cross-encoders for image-text retrieval in JAX/Flax.",
-    packages=setuptools.find_packages(include=["rerank", "rerank.*"]),
+    # configs/ is a package too, so `--config=configs/paper/X.py` files can import their shared
+    # settings (`from configs.paper import common`) from any working directory.
+    packages=setuptools.find_packages(include=["rerank", "rerank.*", "configs", "configs.*"]),
     python_requires=">=3.11",
     install_requires=[
         # JAX 0.11+ needs Python 3.12; 0.10.x is the newest line that installs on 3.11.

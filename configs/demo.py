@@ -18,12 +18,14 @@ of seconds from random weights (tests use it); `scratch` trains the demo from ra
 (no pretrained checkpoint); `pretrain` is the run that made the checkpoint; `size=NAME` picks
 the encoder size (any size but mini starts from random weights); `mode=NAME` the objective
 (be, ce, joint_alternate, joint_sum, separate); `sharding=dp|fsdp|tp` the parameter layout
-(see rerank/sharding.py). Any field: `--config.FIELD=VALUE`.
+(see rerank/training/sharding.py). Any field: `--config.FIELD=VALUE`.
 """
 
 import os
 
-from rerank import config_utils
+import ml_collections
+
+from configs import common
 from rerank.training import sharding
 
 # Made by `pretrain` (20,000 steps) and `python -m rerank.export --which=last`.
@@ -32,10 +34,10 @@ PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def get_config(arg=None):
-  arg = config_utils.parse_arg(arg, runlocal=False, size="mini", mode="joint_alternate",
-                                sharding="dp", scratch=False, pretrain=False)
+  arg = common.parse_arg(arg, runlocal=False, size="mini", mode="joint_alternate",
+                         sharding="dp", scratch=False, pretrain=False)
   from_scratch = arg.runlocal or arg.scratch or arg.pretrain or arg.size != "mini"
-  c = config_utils.ml_collections.ConfigDict()
+  c = ml_collections.ConfigDict()
   c.seed = 0
   c.mode = arg.mode
 
@@ -55,7 +57,7 @@ def get_config(arg=None):
   # 1,600 steps over 145k captions do not overfit, and dropout costs ~25% of a CPU step. The
   # CE head keeps the authors' dropout (model.head_dropout = 0.1), which costs next to nothing.
   scratch = dict(visual_layernorm=True, dropout_rate=0.0, attention_dropout_rate=0.0)
-  c.model = config_utils.model_config(arg.size, **scratch)
+  c.model = common.model_config(arg.size, **scratch)
   # A converted checkpoint (rerank.convert / rerank.export) to start from: architecture,
   # tokenizer and encoder weights come from it, the CE head starts fresh.
   c.init_from = "" if from_scratch else PRETRAINED
@@ -108,6 +110,7 @@ def get_config(arg=None):
   c.rules = dict(sharding.RULES[arg.sharding])
   c.grad_accum = 1  # micro-batches per update (changes in-batch-negative losses; see steps.py)
 
+  # eval.k: the rerank depth (BE top k reranked by the CE), for evaluation and for search.
   # eval.index: the BE first stage, "exact" (brute force), "scann", "jax" (on-device top-k)
   # or "auto" (exact up to index.exact_max items, else ScaNN).
   c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=50,
@@ -115,18 +118,18 @@ def get_config(arg=None):
   if arg.pretrain:
     c.eval.update(ce_queries_t2i=30, ce_queries_i2t=6)
   # Index built by `python -m rerank.index` (and used by evaluation when eval.index != exact).
-  # ScaNN fields at 0 are chosen from the corpus size (rerank/index.py: scann_params).
+  # ScaNN fields at 0 are chosen from the corpus size (rerank/indexing/indexes.py: scann_params).
   c.index = dict(backend="auto", exact_max=20_000, num_leaves=0, leaves_to_search=0, reorder=0,
                  dims_per_block=0, aq_threshold=0.0, training_sample=0)
-  # Search / Retriever: rerank the BE top `k` with the CE; fusion "ce" (CE score alone, the
-  # authors' default) or "mix" (alpha * P_CE + (1 - alpha) * cosine).
-  c.search = dict(k=20, fusion="ce", alpha=0.5, query_block=8)
+  # Search / Retriever: rerank the BE top eval.k (the one rerank depth) with the CE; fusion
+  # "ce" (CE score alone, the authors' default) or "mix" (alpha * P_CE + (1 - alpha) * cosine).
+  c.search = dict(fusion="ce", alpha=0.5, query_block=8)
 
   if arg.runlocal:
     c.dataset.num_train_images = 64
     c.dataset.num_dev_images = 16
     c.dataset.num_test_images = 32
-    c.model = config_utils.model_config("tiny", **scratch)
+    c.model = common.model_config("tiny", **scratch)
     c.batch_size = 8
     c.total_steps = 6
     c.warmup_steps = 1

@@ -195,15 +195,15 @@ def table(result: dict) -> str:
   """The results as a markdown table under a line naming the step's shapes."""
   r0 = result["rows"][0]
   batch, text_len, regions = r0["batch"], r0["text_len"], r0["regions"]
-  lines = [f"joint_alternate training step, batch {batch} captions ({3 * batch} pairs: {batch} BE + "
-           f"{2 * batch} CE), text {text_len}, regions {regions}, {result['dtype']}"
-           f"{', remat' if result['remat'] else ''}",
+  lines = [f"joint_alternate training step, batch {batch} captions ({3 * batch} pairs: "
+           f"{batch} BE + {2 * batch} CE), text {text_len}, regions {regions}, "
+           f"{result['dtype']}{', remat' if result['remat'] else ''}",
            "| size | params (M) | ms/step | pairs/s | model GFLOP/step | model TFLOP/s | MFU |",
            "|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
-    lines.append(f"| {r['size']} | {r['params_m']:.1f} | {r['step_ms']:.1f} | {r['pairs_per_s']:.0f} | "
-                 f"{1e3 * r['model_tflop_per_step']:.1f} | {r['model_tflops']:.4g} | "
-                 f"{100 * r['mfu']:.1f}% |")
+    lines.append(f"| {r['size']} | {r['params_m']:.1f} | {r['step_ms']:.1f} | "
+                 f"{r['pairs_per_s']:.0f} | {1e3 * r['model_tflop_per_step']:.1f} | "
+                 f"{r['model_tflops']:.4g} | {100 * r['mfu']:.1f}% |")
   return "\n".join(lines)
 
 

@@ -6,157 +6,50 @@ r"""Converts a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER) fo
 Writes DST/model.json (family, encoder config, special token ids, what was loaded, ignored
 or freshly initialised), DST/params (orbax) and DST/tokenizer. Training starts from it with
 `--config.init_from=DST`; `python -m rerank.encode --checkpoint=DST` embeds with it. The
-destination appears only when complete (written under a temporary name, then renamed).
+destination appears only when complete (written under a temporary name, then renamed). The
+conversion itself: `rerank.models.convert.convert`.
 """
 
-import dataclasses
-import os
-import time
-
-from absl import app
 from absl import flags
 
 from rerank import cli
+from rerank.models import convert as convert_lib
 from rerank.models import families
 from rerank.models import pretrained
 
-
-def _vocab_is_cased(vocab: dict) -> bool:
-  """A cased WordPiece vocabulary holds capitalised words; an uncased one (almost) none."""
-  words = [w for w in vocab if w.isalpha() and not w.startswith("[")]
-  upper = sum(w[0].isupper() for w in words)
-  return upper > max(10, 0.01 * len(words))
+FLAGS = flags.FLAGS
 
 
-def load_hf_tokenizer(family: str, config: dict, tok_dir: str, lower_case: str = "auto"):
-  """The checkpoint's tokenizer through transformers; returns (tokenizer, note)."""
-  import json  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  xlmr = family == "m3p" or families.is_roberta(config)
-  try:
-    if xlmr:
-      tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
-      return tok, f"{type(tok).__name__} from {tok_dir}"
-    vocab_file, json_file = os.path.join(tok_dir, "vocab.txt"), os.path.join(tok_dir, "tokenizer.json")
-    if not os.path.isfile(vocab_file) and not os.path.isfile(json_file):
-      raise pretrained.ConvertError(f"{tok_dir}: no vocab.txt or tokenizer.json for the {family} WordPiece "
-                              "tokenizer; pass --tokenizer=DIR with the checkpoint's vocabulary")
-    tok_json = json.load(open(json_file)) if os.path.isfile(json_file) else {}
-    tok_cfg_path = os.path.join(tok_dir, "tokenizer_config.json")
-    tok_cfg = json.load(open(tok_cfg_path)) if os.path.isfile(tok_cfg_path) else {}
-    normalizer = tok_json.get("normalizer") or {}
-    # transformers lower-cases by default when tokenizer_config.json is absent, even for a cased
-    # tokenizer.json, so the flag is always decided here and passed explicitly.
-    if lower_case != "auto":
-      lower, why = lower_case == "true", "--lower_case"
-    elif "do_lower_case" in tok_cfg:
-      lower, why = bool(tok_cfg["do_lower_case"]), "tokenizer_config.json"
-    elif "lowercase" in normalizer:
-      lower, why = bool(normalizer["lowercase"]), "tokenizer.json normalizer"
-    else:
-      vocab = _read_vocab(vocab_file) if os.path.isfile(vocab_file) else tok_json["model"]["vocab"]
-      lower, why = not _vocab_is_cased(vocab), "inferred from the vocabulary"
-    tok = transformers.BertTokenizer.from_pretrained(tok_dir, do_lower_case=lower)
-    if getattr(tok.backend_tokenizer.normalizer, "lowercase", lower) != lower:
-      raise pretrained.ConvertError(f"{tok_dir}: transformers did not apply do_lower_case={lower} ({why})")
-    return tok, f"BERT WordPiece from {tok_dir}, do_lower_case={lower} ({why})"
-  except (OSError, ValueError, TypeError) as e:
-    if isinstance(e, pretrained.ConvertError):
-      raise
-    raise pretrained.ConvertError(f"{tok_dir}: cannot load the {family} tokenizer with transformers ({e})") from e
-
-
-def _read_vocab(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
-    return {line.rstrip("\n"): i for i, line in enumerate(f)}
-
-
-def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None, lower_case: str = "auto",
-            seed: int = 0, model_config: str | None = None, log=print) -> dict:
-  """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
-  if family not in families.FAMILIES:
-    raise pretrained.ConvertError(f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
-  pretrained.check_destination(dst)
-  t0 = time.perf_counter()
-  src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
-  files = pretrained.find_weights(src)
-  weights = files[0] if len(files) == 1 else f"{src_dir} ({len(files)} shards)"
-  config, config_path = families.read_config(src_dir, family, model_config)
-  tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
-
-  state = {}
-  for path in files:
-    state.update(pretrained.read_state_dict(path))
-  state = pretrained.normalise_keys(state)
-  guess = families.guess_family(state)
-  try:
-    state, spec, prefix = families.SPECS[family](config, state, config_path)
-    params, report = pretrained.build_params(spec.cfg, state, spec.entries, optional=spec.optional,
-                                       ignored=spec.ignored, fresh=spec.fresh, source=weights, seed=seed)
-  except pretrained.ConvertError as e:
-    hint = ""
-    if guess and guess != family:
-      hint = f" The keys look like a {guess!r} checkpoint: try --family={guess}."
-    raise pretrained.ConvertError(f"{e}{hint}") from e
-  del state
-  cfg = spec.cfg
-  if len(tokenizer) > cfg.vocab_size:
-    raise pretrained.ConvertError(f"tokenizer ({tok_note}) has {len(tokenizer)} tokens but the checkpoint's "
-                            f"word embedding has {cfg.vocab_size} rows; pass the matching --tokenizer")
-  meta = {"family": family, "source": [os.path.abspath(f) for f in files], "key_prefix": prefix,
-          "encoder": dataclasses.asdict(cfg), "vocab_size": cfg.vocab_size,
-          "cls_token": tokenizer.cls_token, "cls_token_id": tokenizer.cls_token_id,
-          "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
-          "tokenizer": tok_note, "report": {**report, "notes": spec.notes,
-                                            "new_when_training": ["ce_head (2-way CE head)"]}}
-  pretrained.write_converted(dst, meta, params, tokenizer)
-  log(f"converted {family} checkpoint {weights} -> {dst} in {time.perf_counter() - t0:.1f}s")
-  log(f"  encoder: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.num_heads} heads, "
-      f"vocab {cfg.vocab_size}, visual={cfg.visual}, order={cfg.order}; tokenizer: {tok_note}")
-  log(f"  loaded {report['loaded']} tensors; ignored heads: {report['ignored'] or 'none'}")
-  if report["fresh"]:
-    log(f"  freshly initialised (not in the checkpoint): {', '.join(report['fresh'])}")
-  for note in spec.notes:
-    log(f"  note: {note}")
-  log("  new when training starts: ce_head (the 2-way cross-encoder head)")
-  return meta
-
-
-def _define_flags() -> dict:
-  """The CLI's flags, defined only when run as a script: importing this module (tests, other
-  CLIs with their own --seed) never clashes."""
+def define_flags():
   families_list = ", ".join(families.FAMILIES)
-  return dict(
-      family=flags.DEFINE_string("family", None, f"Checkpoint family: one of {families_list}."),
-      src=flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights) or weights file."),
-      dst=flags.DEFINE_string("dst", None, "Output directory (must not exist yet)."),
-      tokenizer=flags.DEFINE_string(
-          "tokenizer", None, "Directory with the tokenizer files when --src has none (M3P: an "
-          "xlm-roberta-base directory; UNITER: a bert-base-cased one). Default: --src."),
-      model_config=flags.DEFINE_string(
-          "model_config", None, "The checkpoint's JSON config when it is not --src/config.json "
-          "(UNITER: config/uniter-base.json from its repository)."),
-      lower_case=flags.DEFINE_enum(
-          "lower_case", "auto", ["auto", "true", "false"], "WordPiece lower-casing. auto: "
-          "tokenizer_config.json's do_lower_case, else tokenizer.json's normaliser, else inferred "
-          "from the vocabulary (cased vocabularies hold capitalised words)."),
-      seed=flags.DEFINE_integer("seed", 0, "Seed for parameters the checkpoint does not provide."),
-  )
+  flags.DEFINE_string("family", None, f"Checkpoint family: one of {families_list}.")
+  flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights) or weights file.")
+  flags.DEFINE_string("dst", None, "Output directory (must not exist yet).")
+  flags.DEFINE_string(
+      "tokenizer", None, "Directory with the tokenizer files when --src has none (M3P: an "
+      "xlm-roberta-base directory; UNITER: a bert-base-cased one). Default: --src.")
+  flags.DEFINE_string(
+      "model_config", None, "The checkpoint's JSON config when it is not --src/config.json "
+      "(UNITER: config/uniter-base.json from its repository).")
+  flags.DEFINE_enum(
+      "lower_case", "auto", ["auto", "true", "false"], "WordPiece lower-casing. auto: "
+      "tokenizer_config.json's do_lower_case, else tokenizer.json's normaliser, else inferred "
+      "from the vocabulary (cased vocabularies hold capitalised words).")
+  flags.DEFINE_integer("seed", 0, "Seed for parameters the checkpoint does not provide.")
 
 
-def main(argv, f):
+def main(argv):
   del argv
   cli.quiet_library_logs()
-  cli.require(f, "family", "src", "dst")
+  cli.require(FLAGS, "family", "src", "dst")
   try:
-    convert(f["family"].value, f["src"].value, f["dst"].value, f["tokenizer"].value,
-            f["lower_case"].value, f["seed"].value, f["model_config"].value)
+    convert_lib.convert(FLAGS.family, FLAGS.src, FLAGS.dst, FLAGS.tokenizer, FLAGS.lower_case,
+                        FLAGS.seed, FLAGS.model_config)
   except pretrained.ConvertError as e:
     cli.fail(str(e))
   except OSError as e:
-    cli.fail(f"cannot write {f['dst'].value!r}: {e}")
+    cli.fail(f"cannot write {FLAGS.dst!r}: {e}")
 
 
 if __name__ == "__main__":
-  _flags = _define_flags()
-  app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

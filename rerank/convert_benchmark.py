@@ -9,7 +9,6 @@ the peak RSS of a process that only imports the same libraries (the baseline the
 cannot avoid). The target (issue 3): under 60 s and under 2x the checkpoint size.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,7 +16,19 @@ import sys
 import tempfile
 import time
 
+from absl import flags
 import numpy as np
+
+from rerank import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_enum("format", "both", ["safetensors", "bin", "both"],
+                    "Checkpoint format(s) to convert.")
+  flags.DEFINE_enum("family", "oscar", ["bert", "oscar"], "Checkpoint family to write and convert.")
+
 
 _BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
              intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
@@ -64,7 +75,7 @@ def _write(root: str, family: str, fmt: str) -> tuple[str, int]:
   return src, os.path.getsize(path)
 
 
-def _run(args: list[str]) -> tuple[float, float, int]:
+def _run(args: list[str], env: dict) -> tuple[float, float, int]:
   """(seconds, peak RSS in bytes, return code) of `python args` in a fresh process."""
   code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; rc = 0\n"
           "try:\n  runpy.run_module(sys.argv[0], run_name='__main__')\n"
@@ -72,7 +83,8 @@ def _run(args: list[str]) -> tuple[float, float, int]:
           "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
           "sys.exit(rc)\n")
   t0 = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+  proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                        env=env)
   seconds = time.perf_counter() - t0
   peak = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")]
   if proc.returncode or not peak:
@@ -80,29 +92,38 @@ def _run(args: list[str]) -> tuple[float, float, int]:
   return seconds, int(peak[-1].split()[1]) * 1024 if peak else 0, proc.returncode
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--format", choices=["safetensors", "bin", "both"], default="both")
-  parser.add_argument("--family", choices=["bert", "oscar"], default="oscar")
-  args = parser.parse_args()
-  formats = ["safetensors", "bin"] if args.format == "both" else [args.format]
+def benchmark(family: str, formats: list[str], log=print) -> list[dict]:
+  """Writes, converts and measures one checkpoint per format; logs a line, returns a dict, each."""
+  out = []
   with tempfile.TemporaryDirectory() as root:
-    os.environ["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    # The baseline modules are written to `root`, so child processes import from there too.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     for fmt in formats:
       # Baseline: a process that imports what this conversion imports and converts nothing.
       with open(os.path.join(root, f"baseline_{fmt}.py"), "w") as f:
         f.write("import jax, orbax.checkpoint, transformers, tokenizers\nimport rerank.convert\n"
                 + ("import torch\n" if fmt == "bin" else ""))
-      _, base_rss, _ = _run([f"baseline_{fmt}"])
-      src, size = _write(root, args.family, fmt)
+      _, base_rss, _ = _run([f"baseline_{fmt}"], env)
+      src, size = _write(root, family, fmt)
       dst = os.path.join(root, f"dst_{fmt}")
-      seconds, rss, rc = _run(["rerank.convert", f"--family={args.family}", f"--src={src}", f"--dst={dst}"])
+      seconds, rss, rc = _run(["rerank.convert", f"--family={family}", f"--src={src}",
+                               f"--dst={dst}"], env)
       extra = rss - base_rss
-      print(f"{args.family} base, {fmt}: checkpoint {size / 2**20:.0f} MiB | convert {seconds:.1f} s (rc={rc}) | "
-            f"peak RSS {rss / 2**20:.0f} MiB = {rss / size:.2f}x checkpoint; imports alone "
-            f"{base_rss / 2**20:.0f} MiB, the rest {extra / 2**20:.0f} MiB = {extra / size:.2f}x | "
-            "target < 60 s and < 2x", flush=True)
+      log(f"{family} base, {fmt}: checkpoint {size / 2**20:.0f} MiB | convert {seconds:.1f} s "
+          f"(rc={rc}) | peak RSS {rss / 2**20:.0f} MiB = {rss / size:.2f}x checkpoint; imports "
+          f"alone {base_rss / 2**20:.0f} MiB, the rest {extra / 2**20:.0f} MiB = "
+          f"{extra / size:.2f}x | target < 60 s and < 2x")
+      out.append(dict(format=fmt, checkpoint_bytes=size, seconds=seconds, returncode=rc,
+                      peak_rss=rss, baseline_rss=base_rss))
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  formats = ["safetensors", "bin"] if FLAGS.format == "both" else [FLAGS.format]
+  benchmark(FLAGS.family, formats, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, define_flags)

@@ -8,7 +8,8 @@ r"""`python -m rerank.reproduce`: the paper's tables from trained workdirs.
 results.json, or to a results JSON file (COCO 1k and 5k come from one trained workdir
 evaluated twice; see docs/REPRODUCE.md). Rows without a run, or whose run lacks the method,
 are printed as "missing". With `--out=PREFIX`, PREFIX.md and PREFIX.csv are written
-atomically; without it the markdown goes to stdout.
+atomically; without it the markdown goes to stdout. The tables themselves (rows, configs,
+reference numbers) are data in rerank/evaluation/paper_tables.py.
 """
 
 import csv
@@ -16,11 +17,10 @@ import io
 import json
 import os
 
-from absl import app
 from absl import flags
 
 from rerank import cli
-from rerank import paper_configs
+from rerank.evaluation import paper_tables
 
 FLAGS = flags.FLAGS
 METRICS = [("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"),
@@ -29,22 +29,21 @@ COLUMNS = ["row", "method", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@
            "mR", "s/query", "reference", "difference", "split", "source"]
 
 
-def _define_flags():
-  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+def define_flags():
   flags.DEFINE_bool("list", False, "Print the tables and their rows, then exit.")
-  flags.DEFINE_string("table", None, f"Table to build: one of {sorted(paper_configs.TABLES)}.")
+  flags.DEFINE_string("table", None, f"Table to build: one of {sorted(paper_tables.TABLES)}.")
   flags.DEFINE_list("workdirs", [], "KEY=PATH pairs: row config key -> workdir or results JSON.")
   flags.DEFINE_string("out", None, "Write PREFIX.md and PREFIX.csv instead of printing.")
 
 
 def table_split(table: str) -> str:
   """The evaluation split a table's runs must report (from its rows' config arguments)."""
-  row = paper_configs.TABLES[table][1][0]
+  row = paper_tables.TABLES[table][1][0]
   if row.eval_split:
     return row.eval_split
   config = row.config
   _, _, arg = config.partition(":split=")
-  return arg or paper_configs.DATASETS[os.path.basename(config).split("_")[0]][1]
+  return arg or paper_tables.DATASETS[os.path.basename(config).split("_")[0]][1]
 
 
 def load_run(path: str) -> dict:
@@ -65,16 +64,16 @@ def load_run(path: str) -> dict:
 
 def collect(table: str, runs: dict[str, dict]) -> list[dict]:
   """One dict per table row: the metrics of its method from its run, or None where missing."""
-  if table not in paper_configs.TABLES:
-    raise ValueError(f"--table: expected one of {sorted(paper_configs.TABLES)}; found {table!r}")
-  rows = paper_configs.TABLES[table][1]
+  if table not in paper_tables.TABLES:
+    raise ValueError(f"--table: expected one of {sorted(paper_tables.TABLES)}; found {table!r}")
+  rows = paper_tables.TABLES[table][1]
   keys = {r.label.split()[0] for r in rows}
   unknown = sorted(set(runs) - keys)
   if unknown:
     raise ValueError(f"--workdirs: unknown row key(s) {unknown}; expected some of {sorted(keys)}")
   split = table_split(table)
   dataset = (rows[0].eval_dataset
-             or paper_configs.DATASETS[os.path.basename(rows[0].config).split("_")[0]][0])
+             or paper_tables.DATASETS[os.path.basename(rows[0].config).split("_")[0]][0])
   for key, results in runs.items():
     if results.get("dataset") != dataset:
       raise ValueError(f"--workdirs {key}: {results['_source']} is a run on dataset "
@@ -125,7 +124,7 @@ def render(table: str, collected: list[dict]) -> tuple[str, str]:
                   _fmt(m["mR"] if m else None), _fmt(m["seconds_per_query"] if m else None, ".2e"),
                   ref_text or "-", diff if diff else ("missing" if ref_text else "-"),
                   entry["split"] or "missing", entry["source"] or "missing"])
-  title = paper_configs.TABLES[table][0]
+  title = paper_tables.TABLES[table][0]
   md = [f"{title} (table {table}, split {table_split(table)})", "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   md += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -138,7 +137,7 @@ def render(table: str, collected: list[dict]) -> tuple[str, str]:
 
 def list_tables() -> str:
   out = []
-  for name, (title, rows) in paper_configs.TABLES.items():
+  for name, (title, rows) in paper_tables.TABLES.items():
     out.append(f"{name}: {title}")
     for r in rows:
       ref = ("  ref t2i " + "/".join(f"{x:.1f}" for x in r.reference_t2i)
@@ -157,34 +156,50 @@ def _write_atomic(path: str, text: str):
   os.replace(tmp, path)
 
 
+def build_table(table: str, workdirs: dict[str, str]) -> tuple[str, str]:
+  """(markdown, csv) of `table` from {row config key: workdir or results JSON}. Raises ValueError."""
+  runs = {key: load_run(path) for key, path in workdirs.items()}
+  return render(table, collect(table, runs))
+
+
+def write_table(prefix: str, md: str, table_csv: str):
+  """PREFIX.md and PREFIX.csv, each written atomically."""
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  _write_atomic(prefix + ".md", md)
+  _write_atomic(prefix + ".csv", table_csv)
+
+
+def _parse_workdirs(items: list[str]) -> dict[str, str]:
+  out = {}
+  for item in items:
+    key, eq, path = item.partition("=")
+    if not eq or not key or not path:
+      raise ValueError(f"--workdirs: expected KEY=PATH (e.g. joint=workdirs/flickr30k_joint); "
+                       f"found {item!r}")
+    out[key] = path
+  return out
+
+
 def main(argv):
   del argv
   if FLAGS.list:
     print(list_tables(), end="")
     return
   if not FLAGS.table:
-    cli.fail(f"--table is required (one of {sorted(paper_configs.TABLES)}), or --list")
-  runs = {}
+    cli.fail(f"--table is required (one of {sorted(paper_tables.TABLES)}), or --list")
   try:
-    for item in FLAGS.workdirs:
-      key, eq, path = item.partition("=")
-      if not eq or not key or not path:
-        raise ValueError(f"--workdirs: expected KEY=PATH (e.g. joint=workdirs/flickr30k_joint); "
-                         f"found {item!r}")
-      runs[key] = load_run(path)
-    md, table_csv = render(FLAGS.table, collect(FLAGS.table, runs))
+    md, table_csv = build_table(FLAGS.table, _parse_workdirs(FLAGS.workdirs))
   except ValueError as e:
     cli.fail(str(e))
-  if not FLAGS.out:
-    print(md, end="")
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  _write_atomic(FLAGS.out + ".md", md)
-  _write_atomic(FLAGS.out + ".csv", table_csv)
+  if FLAGS.out:
+    try:
+      write_table(FLAGS.out, md, table_csv)
+    except OSError as e:
+      cli.fail(f"--out {FLAGS.out!r}: cannot write ({e.strerror or e})")
   print(md, end="")
-  print(f"wrote {FLAGS.out}.md, {FLAGS.out}.csv")
+  if FLAGS.out:
+    print(f"wrote {FLAGS.out}.md, {FLAGS.out}.csv")
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

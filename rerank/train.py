@@ -1,107 +1,73 @@
-r"""Trains a retrieval model from a config file, then evaluates it on the test split.
+r"""Trains a retrieval model from a config, then evaluates it on the test split.
 
   python -m rerank.train --config=configs/demo.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE]
+
+or from Python: `rerank.train.train_and_evaluate(config, workdir)`.
 
 Writes DIR/metrics.jsonl (one JSON object per logged step), TensorBoard events under
 DIR/tensorboard, checkpoints under DIR/checkpoints (newest) and DIR/best (best dev score),
 and DIR/results.json + DIR/results.md. Rerunning the same command resumes from the newest
 checkpoint in DIR; a finished run only re-evaluates. SIGTERM (a preemption notice) saves a
-checkpoint at the current step and exits 0.
+checkpoint at the current step and exits 0. A NaN or inf loss stops the run with an error
+naming the step and the losses.
 
 The same command runs on 1 device, many devices, and many processes (launch/*.sh): the mesh
-and parameter layout come from `config.mesh` and `config.rules` (rerank/sharding.py), and
-multi-host jobs are detected by rerank/distributed.py.
+and parameter layout come from `config.mesh` and `config.rules` (rerank/training/sharding.py),
+and multi-host jobs are detected by rerank/training/distributed.py.
 """
 
 import functools
 import os
 import signal
+import threading
 import time
 
-from absl import app
 from absl import flags
 import jax
 from jax.experimental import multihost_utils
 
-from rerank.models import build
-
-from rerank.training import checkpoints
 from rerank import cli
-from rerank.training import distributed
+from rerank.data import batches
+from rerank.data import datasets
+from rerank.data import eval_sets
 from rerank.evaluation import evaluator
+from rerank.models import build
+from rerank.models import modes
+from rerank.models import pretrained
+from rerank.training import checkpoints
+from rerank.training import distributed
 from rerank.training import metric_writer
 from rerank.training import mining
 from rerank.training import sharding
 from rerank.training import steps
-from rerank.data import batches
-from rerank.data import datasets
-from rerank.data import eval_sets
-from rerank.models import modes
-from rerank.models import pretrained
+from rerank.training import validate
 
-_CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
-_STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", 0, "Checkpoint and exit after this many steps of this invocation (0 = run to the "
-    "end); rerunning the same command continues. For time-sliced jobs and resume tests.")
+FLAGS = flags.FLAGS
 
 
-class Preemption:
-  """SIGTERM (a preemption notice) -> every process checkpoints at the same step and exits 0.
+def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint), then evaluates.
 
-  One process: a Python SIGTERM handler sets a flag. Several processes: jax's preemption
-  service (started by `jax.distributed.initialize`) catches SIGTERM on any host, tells the
-  others, and `reached_preemption_sync_point` turns True on all of them at the same step.
+  Multi-process jobs call `distributed.initialize()` first, before any device is used.
+
+  Args:
+    config: the experiment (the fields of configs/demo.py).
+    workdir: output directory; created if missing, resumed if it holds checkpoints.
+    stop_after: checkpoint and return after this many steps of this call (0 = run to the end).
+  Returns:
+    The results dict also written to workdir/results.json ({dataset, split, rows, ...}), or
+    None when the run stopped early (`stop_after`, or SIGTERM) with a checkpoint to resume from.
+  Raises:
+    validate.ConfigError: every problem of the config at once, or a workdir it cannot write;
+      raised before anything is written.
+    steps.NonFiniteLossError: a loss went NaN or inf (checked at every log, dev-evaluation
+      and checkpoint step, so no checkpoint holds the bad state).
   """
-
-  def __init__(self):
-    self.requested = False
-    self.multihost = jax.process_count() > 1
-    if not self.multihost:
-      signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    """Call once per step on every process; True when this step must be the last."""
-    if self.multihost:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def release(self) -> None:
-    """After training: the final evaluation cannot checkpoint, so SIGTERM ends it at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def main(argv):
-  del argv
-  cli.quiet_library_logs()
-  try:
-    distributed.initialize()  # before any device is touched
-  except ValueError as e:
-    cli.fail(str(e))
-  preemption = Preemption()
-  config = cli.load_config(_CONFIG)
-  if config.get("init_from") and not pretrained.is_converted(config.init_from):
-    cli.fail(f"config.init_from {config.init_from!r}: not a converted checkpoint (no model.json and "
-             "params/); make one with python -m rerank.convert --family=... --src=... --dst=DIR")
-  hn = config.hard_negatives
-  if hn.every and config.mode == "ce":
-    cli.fail("config.hard_negatives.every: mining needs a bi-encoder; found mode='ce'")
-  if hn.ce_prob and config.mode == "be":
-    cli.fail("config.hard_negatives.ce_prob: mined CE negatives need a cross-encoder; "
-             "found mode='be'")
-  if hn.get("be_negatives", 0) and config.mode == "ce":
-    cli.fail("config.hard_negatives.be_negatives: needs a bi-encoder; found mode='ce'")
-
-  ce_loss_name = config.loss.get("ce", "pairwise")
-  if ce_loss_name not in ("pairwise", "listwise"):
-    cli.fail(f"config.loss.ce: expected 'pairwise' or 'listwise'; found {ce_loss_name!r}")
-  workdir = cli.make_workdir(_WORKDIR.value)
-  is_main = distributed.is_main()
-  log = distributed.log
+  # ---------------------------------------------------------------- config and workdir
+  validate.check(config, num_devices=jax.device_count())
+  mode = modes.get(config.mode)
+  _make_workdir(workdir)
+  is_main, log = distributed.is_main(), distributed.log
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2) + "\n")
@@ -109,58 +75,33 @@ def main(argv):
   # ---------------------------------------------------------------- input
   t0 = time.perf_counter()
   tokenizer = datasets.get_tokenizer(config)
-  ds = config.dataset
+  ds, hn = config.dataset, config.hard_negatives
   train, _ = datasets.load_split(config, "train", tokenizer, ds.num_train_images or None)
   dev, _ = datasets.load_split(config, "dev", tokenizer, ds.num_dev_images or None)
   log(f"data: train {train.num_images} images / {train.num_texts} captions, dev "
       f"{dev.num_images} / {dev.num_texts} ({time.perf_counter() - t0:.1f}s)")
+  ce_group = dict(config.loss.ce_group) if config.loss.get("ce", "pairwise") == "listwise" else None
 
   # ---------------------------------------------------------------- model and optimizer
-  try:
-    model = build.build_model(config, tokenizer.token_to_id("[CLS]"), tokenizer.get_vocab_size())
-  except ValueError as e:
-    cli.fail(str(e))
+  model = _or_config_error(build.build_model, config, tokenizer.token_to_id("[CLS]"),
+                           tokenizer.get_vocab_size())
   tx = steps.optimizer(config)
 
   # ---------------------------------------------------------------- mesh and sharding
   # config.mesh names the axes; config.rules says which mesh axis each logical axis of the
   # parameters and batches lives on: data parallel, FSDP and tensor parallel by rules only.
   # A jitted init creates the parameters (and optimizer state) directly with their sharding.
-  try:
-    state, layout = sharding.create_train_state(config, model, tx)
-  except ValueError as e:
-    cli.fail(str(e))
-  mesh, rules = layout.mesh, layout.rules
-  state_sharded, batch_sharded, replicated = layout.state, layout.batch, layout.replicated
-  ways = sharding.batch_divisor(mesh, rules) * config.grad_accum
-  if config.batch_size % ways:
-    cli.fail(f"config.batch_size: expected a multiple of {ways} (batch axis "
-             f"{rules.get('batch')!r} of mesh {dict(mesh.shape)} x grad_accum "
-             f"{config.grad_accum}); found {config.batch_size}")
+  state, layout = _or_config_error(sharding.create_train_state, config, model, tx)
+  mesh = layout.mesh
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
-  log(f"model: mode={config.mode} size={model.cfg.hidden_size}x{model.cfg.num_layers} "
-      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
-      f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}")
-
-  # ---------------------------------------------------------------- resume
-  ckpts = checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints)
-  start = 0
-  if config.get("init_from") and ckpts.latest_step() is None:
-    state["params"] = jax.device_put(build.with_pretrained_encoder(
-        state["params"], pretrained.load_encoder_params(config.init_from), config.mode),
-        state_sharded["params"])
-    log(f"init_from {config.init_from}: encoder loaded ({pretrained.read_meta(config.init_from)['family']}); "
-        "ce_head freshly initialised")
-  if ckpts.latest_step() is not None:
-    state = ckpts.restore_state(jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
-    start = int(state["step"])
-    log(f"resumed from {workdir}/checkpoints at step {start}")
+  log(f"model: mode={mode.name} size={model.cfg.hidden_size}x{model.cfg.num_layers} "
+      f"params={n_params / 1e6:.2f}M on {jax.device_count()} device(s) "
+      f"({jax.devices()[0].platform}), {jax.process_count()} process(es), mesh {dict(mesh.shape)}")
 
   # ---------------------------------------------------------------- update step
   train_step = jax.jit(steps.make_train_step(model, config, tx), donate_argnums=(0,),
-                       in_shardings=(state_sharded, batch_sharded),
-                       out_shardings=(state_sharded, replicated))
+                       in_shardings=(layout.state, layout.batch),
+                       out_shardings=(layout.state, layout.replicated))
 
   # ---------------------------------------------------------------- evaluators
   # Every process evaluates alike on its own first device, from a gathered copy of the params.
@@ -169,73 +110,91 @@ def main(argv):
 
   def dev_score(params) -> float:
     """Mean of R@1/5/10 both directions on dev: BE when the mode has one, else CE on a sample."""
-    methods = ("BE",) if config.mode != "ce" else ("CE",)
+    methods = ("BE",) if mode.has_be else ("CE",)
     rows = evaluator.evaluate(local(params), dev, config.mode, config.eval,
-                             seed=config.seed, methods=methods, log=lambda *_: None)
+                              seed=config.seed, methods=methods, log=lambda *_: None)
     return rows[0]["mR"]
 
-  # ---------------------------------------------------------------- loop
-  writer = metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main)
-  total = config.total_steps
-  mined = None
-  ce_group = dict(config.loss.ce_group) if ce_loss_name == "listwise" else None
-  t_last, s_last = time.perf_counter(), start
-  for step in range(start + 1, total + 1):
-    if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0 or mined is None):
-      # Mine for the rest of this window with the current BE (also right after a resume).
-      window_end = step - 1 + hn.every - (step - 1 - hn.start) % hn.every
-      t0 = time.perf_counter()
-      mined = mining.mine_window(local(state["params"]), train, config, step - 1,
-                                 min(window_end, total) - (step - 1))
-      log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
-          f"({time.perf_counter() - t0:.1f}s)")
-    batch = batches.train_batch(train, modes.get(config.mode).batch_parts, config.batch_size, config.seed, step - 1,
-                                mined, hn.ce_prob, hn.get("confuser_prob", 0.0), ce_group,
-                                hn.get("be_negatives", 0), lazy=True)
-    # Rows and negatives are chosen for the global batch on every process alike; each process
-    # reads region features for its own devices' rows only.
-    batch = sharding.shard_batch(batch, batch_sharded)
-    state, step_metrics = train_step(state, batch)
-    is_log = step % config.log_every == 0 or step == total
-    is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
-    if is_log or is_eval:
-      # One metrics.jsonl line per logged step, always with the loss (DESIGN §4).
-      row = dict(jax.device_get(step_metrics))
-      if is_log:
-        now = time.perf_counter()
-        rate = (step - s_last) / (now - t_last)
-        t_last, s_last = now, step
-        row["steps_per_second"] = rate
-        shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(row.items())
-                         if k.endswith("loss") or k.endswith("acc"))
-        log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
-            flush=True)
-      if is_eval:
-        row["dev_score"] = dev_score(state["params"])
-        ckpts.save_best(step, state["params"], row["dev_score"])
-        log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
-      writer.write(step, row)
-    stopping = _STOP_AFTER.value and step - start >= _STOP_AFTER.value and step < total
-    preempted = preemption.reached(step) and step < total
-    if step % config.checkpoint_every == 0 or step == total or stopping or preempted:
-      ckpts.save(step, state)
-    if stopping or preempted:
-      ckpts.wait()
-      ckpts.close()
-      writer.close()
-      why = "SIGTERM" if preempted else f"--stop_after={_STOP_AFTER.value}"
-      log(f"stopped after step {step} ({why}); checkpoint saved, rerun the same command to continue",
-          flush=True)
-      return
-  preemption.release()
-  ckpts.wait()
-  writer.close()
+  with checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints) as ckpts:
+    # -------------------------------------------------------------- resume
+    start = 0
+    if config.get("init_from") and ckpts.latest_step() is None:
+      encoder = pretrained.load_encoder_params(config.init_from)
+      params = _or_config_error(build.with_pretrained_encoder, state["params"], encoder, mode)
+      state["params"] = jax.device_put(params, layout.state["params"])
+      log(f"init_from {config.init_from}: encoder loaded "
+          f"({pretrained.read_meta(config.init_from)['family']}); ce_head freshly initialised")
+    if ckpts.latest_step() is not None:
+      state = ckpts.restore_state(jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+      start = int(state["step"])
+      log(f"resumed from {workdir}/checkpoints at step {start}")
 
-  # ---------------------------------------------------------------- final evaluation
-  params, which = state["params"], f"final (step {int(state['step'])})"
-  if config.eval.use_best and ckpts.best.best_step() is not None:
-    params, which = ckpts.restore_params(state, prefer_best=True)
-  ckpts.close()
+    # -------------------------------------------------------------- loop
+    # Metrics reach the host only at log, dev-evaluation and checkpoint steps (no device sync
+    # in between); each of those checks the losses first, so a NaN never becomes a logged
+    # dev score, a best checkpoint or a checkpoint to resume from.
+    total, mined = config.total_steps, None
+    t_last, s_last, checked = time.perf_counter(), start, start
+    with metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main) as writer, \
+        Preemption() as preemption:
+      for step in range(start + 1, total + 1):
+        if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0
+                                                  or mined is None):
+          # Mine for the rest of this window with the current BE (also right after a resume).
+          window_end = step - 1 + hn.every - (step - 1 - hn.start) % hn.every
+          t0 = time.perf_counter()
+          mined = mining.mine_window(local(state["params"]), train, config, step - 1,
+                                     min(window_end, total) - (step - 1))
+          log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
+              f"({time.perf_counter() - t0:.1f}s)")
+        batch = batches.train_batch(train, mode.batch_parts, config.batch_size, config.seed,
+                                    step - 1, mined, hn.ce_prob, hn.get("confuser_prob", 0.0),
+                                    ce_group, hn.get("be_negatives", 0), lazy=True)
+        # Rows and negatives are chosen for the global batch on every process alike; each
+        # process reads region features for its own devices' rows only.
+        batch = sharding.shard_batch(batch, layout.batch)
+        state, step_metrics = train_step(state, batch)
+
+        is_log = step % config.log_every == 0 or step == total
+        is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
+        stopping = bool(stop_after) and step - start >= stop_after and step < total
+        preempted = preemption.reached(step) and step < total
+        is_ckpt = step % config.checkpoint_every == 0 or step == total or stopping or preempted
+        if not (is_log or is_eval or is_ckpt):
+          continue
+        row = dict(jax.device_get(step_metrics))
+        steps.check_finite(step, row, checked)
+        checked = step
+        if is_log:
+          now = time.perf_counter()
+          rate = (step - s_last) / (now - t_last)
+          t_last, s_last = now, step
+          row["steps_per_second"] = rate
+          shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(row.items())
+                           if k.endswith("loss") or k.endswith("acc"))
+          log(f"step {step}/{total} {shown} ({rate:.1f} steps/s, eta {(total - step) / rate:.0f}s)",
+              flush=True)
+        if is_eval:
+          row["dev_score"] = dev_score(state["params"])
+          ckpts.save_best(step, state["params"], row["dev_score"])
+          log(f"step {step}: dev mR {row['dev_score']:.2f}", flush=True)
+        if is_log or is_eval:  # one metrics.jsonl line per logged step, always with the loss
+          writer.write(step, row)
+        if is_ckpt:
+          ckpts.save(step, state)
+        if stopping or preempted:
+          ckpts.wait()
+          why = "SIGTERM" if preempted else f"stop_after={stop_after}"
+          log(f"stopped after step {step} ({why}); checkpoint saved, rerun the same command to "
+              "continue", flush=True)
+          return None
+    ckpts.wait()
+
+    # -------------------------------------------------------------- final evaluation
+    params, which = state["params"], f"final (step {int(state['step'])})"
+    if config.eval.use_best and ckpts.best.best_step() is not None:
+      params, which = ckpts.restore_params(state, prefer_best=True)
   log(f"evaluating {which} parameters")
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
   evaluate_fn = functools.partial(evaluator.evaluate, index_cfg=config.get("index"))
@@ -247,8 +206,93 @@ def main(argv):
     table = evaluator.write_results(workdir, results)
     log("\n" + table)
     log(f"wrote {workdir}/results.json, results.md, metrics.jsonl")
+  return results
+
+
+class Preemption:
+  """SIGTERM (a preemption notice) -> every process checkpoints at the same step and stops.
+
+  One process: a Python SIGTERM handler sets a flag. Several processes: jax's preemption
+  service (started by `jax.distributed.initialize`) catches SIGTERM on any host, tells the
+  others, and `reached_preemption_sync_point` turns True on all of them at the same step.
+  Leaving the `with` block (after training: the final evaluation cannot checkpoint) puts the
+  previous handler back, so a later SIGTERM ends the process at once.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self.multihost = jax.process_count() > 1
+    self._previous = None
+
+  def __enter__(self):
+    # Signal handlers can only be set from the main thread; elsewhere SIGTERM keeps its effect.
+    if not self.multihost and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Call once per step on every process; True when this step must be the last."""
+    if self.multihost:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def _make_workdir(path: str) -> None:
+  """Creates `path` and checks it is writable; raises ConfigError if not."""
+  if not path:
+    raise validate.ConfigError("workdir: expected a directory path; found nothing")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write_test.{os.getpid()}")  # several processes may probe at once
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise validate.ConfigError(f"cannot create or write workdir {path!r}: {e.strerror or e}") from e
+
+
+def _or_config_error(fn, *args):
+  """fn(*args), its ValueError (a config that does not fit the checkpoint, mesh or model) as a
+  ConfigError."""
+  try:
+    return fn(*args)
+  except ValueError as e:
+    raise validate.ConfigError(str(e)) from e
+
+
+# ------------------------------------------------------------------ command line
+
+def define_flags():
+  cli.define_config_flag()
+  flags.DEFINE_string("workdir", None, "Output directory (created; resumed if it has checkpoints).")
+  flags.DEFINE_integer(
+      "stop_after", 0, "Checkpoint and exit after this many steps of this invocation (0 = run to "
+      "the end); rerunning the same command continues. For time-sliced jobs and resume tests.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  cli.quiet_library_logs()
+  try:
+    distributed.initialize()  # before any device is touched
+  except ValueError as e:
+    cli.fail(str(e))
+  config = cli.load_config()
+  try:
+    train_and_evaluate(config, FLAGS.workdir, stop_after=FLAGS.stop_after)
+  except (validate.ConfigError, steps.NonFiniteLossError) as e:
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

@@ -6,10 +6,10 @@ Runs as a separate process because the number of (simulated) devices is fixed wh
 starts: the tests launch it with 8 CPU devices, or as 2 processes x 4 devices through
 launch/local_multiprocess.sh. For each layout it sets up the train state through
 `sharding.create_train_state`, as the trainer does, runs one step of the runlocal demo config
-from the same seed and batch, and process 0 writes DIR/<layout>.npz (loss and every updated parameter) and DIR/<layout>.json
-(the sharding the rules gave a few parameters and their Adam moments, so the test can check
-they were applied; the layout's bytes per device and those device 0 really holds; the
-setup's log lines).
+from the same seed and batch, and process 0 writes DIR/<layout>.npz (loss and every updated
+parameter) and DIR/<layout>.json (the sharding the rules gave a few parameters and their Adam
+moments, so the test can check they were applied; the layout's bytes per device and those
+device 0 really holds; the setup's log lines).
 """
 
 import argparse
@@ -72,7 +72,8 @@ def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
   devices = jax.devices()[:1] if name == "ref" else jax.devices()
   lines = []
   state, layout = sharding.create_train_state(config, model, tx, devices=devices, log=lines.append)
-  step = jax.jit(steps.make_train_step(model, config, tx), in_shardings=(layout.state, layout.batch),
+  step = jax.jit(steps.make_train_step(model, config, tx),
+                 in_shardings=(layout.state, layout.batch),
                  out_shardings=(layout.state, layout.replicated))
   state, metrics = step(state, sharding.shard_batch(batch, layout.batch))
   watched = {}

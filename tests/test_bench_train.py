@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
+from configs import common as config_common
 from rerank import bench_train
-from rerank import config_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sizes_match_the_configs():
-  assert bench_train.SIZES == config_utils.SIZES
+  assert bench_train.SIZES == config_common.SIZES
 
 
 def test_step_flops_by_hand():

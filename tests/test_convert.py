@@ -18,7 +18,7 @@ import pytest
 from safetensors import numpy as st_numpy
 from scipy import special
 
-from rerank import convert as convert_lib
+from rerank.models import convert as convert_lib
 from rerank.models import encoder as encoder_lib
 from rerank.models import pretrained
 

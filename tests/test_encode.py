@@ -14,7 +14,7 @@ from safetensors import numpy as st_numpy
 from rerank.models import build
 
 from rerank.training import checkpoints
-from rerank import convert as convert_lib
+from rerank.models import convert as convert_lib
 from rerank import encode
 from rerank.training import steps
 from rerank.data import datasets

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from rerank.data import batches
 from rerank.data import datasets
 from rerank.data import prepare
 from rerank.data import tfds_builders
@@ -282,6 +283,24 @@ def test_prepared_synthetic_scenes_matches_the_generated_split(tmp_path):
   assert short.num_images == 5
   np.testing.assert_array_equal(short.region_features(rows[:2])[0],
                                 want.region_features(rows[:2])[0][:, :2])
+
+
+def test_trainer_input_from_a_prepared_split_is_truncated_to_the_config(tmp_path):
+  # The trainer's path: load_split, then train_batch(lazy=True) read per device slice; on one
+  # device the whole batch, which must equal the eager batch.
+  prepare.prepare("synthetic_scenes", "", str(tmp_path / "data"), dtype="float16",
+                  splits=["train"], num_images=24)
+  cfg = _config("synthetic_scenes", tmp_path / "data", max_regions=3, max_text_len=16)
+  data, _ = datasets.load_split(cfg, "train", datasets.get_tokenizer(cfg))
+  for step in range(3):
+    lazy = batches.train_batch(data, ("be", "ce"), 16, 3, step, lazy=True)
+    eager = batches.train_batch(data, ("be", "ce"), 16, 3, step)
+    for part in ("be", "ce"):
+      for key, value in eager[part].items():
+        np.testing.assert_array_equal(np.asarray(lazy[part][key]), value, err_msg=f"{part}/{key}")
+  assert eager["be"]["regions"].shape == (16, 3, 2054)  # config.max_regions
+  assert eager["be"]["token_ids"].shape == (16, 16)  # config.max_text_len
+  assert eager["ce"]["regions"].shape == (32, 3, 2054)
 
 
 def _coco_files(src, torch):

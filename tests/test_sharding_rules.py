@@ -52,7 +52,8 @@ def test_a_table_puts_every_first_choice_before_any_fallback():
       ("embed", "data"), ("embed", "model"))
   pairs = [("embed", "model"), ("batch", "data"), ("embed", "data")]  # a t5x list keeps its order
   assert sharding.ordered_rules(pairs) == tuple(pairs)
-  assert [sharding.rules_label(sharding.RULES[n]) for n in ("dp", "fsdp", "tp")] == ["dp", "fsdp", "tp"]
+  for name in ("dp", "fsdp", "tp"):
+    assert sharding.rules_label(sharding.RULES[name]) == name
   assert sharding.rules_label(table) == "{batch: data, embed: data,model, mlp: model}"
 
 
@@ -121,7 +122,10 @@ def test_create_train_state_logs_fallbacks_and_the_layout():
 def test_optimizer_state_is_laid_out_like_its_parameter(mode, preset, mesh):
   config, model, tx = _runlocal(mode=mode, **sharding.RULES[preset])
   mesh = sharding.make_mesh(mesh, FAKE_8)
-  make_state = lambda: steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))  # noqa: E731
+
+  def make_state():
+    return steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
+
   boxed = sharding.abstract_train_state(model, config, tx, make_state)
   shardings = sharding.state_shardings(boxed, sharding.ordered_rules(config.rules), mesh)
   assert jax.tree_util.tree_structure(shardings) == jax.tree_util.tree_structure(
@@ -158,3 +162,23 @@ def test_layout_bytes_of_a_known_model():
   # 3,408 of 10,576 bytes; 2 * 3,408 + 4 of 2 * 10,576 + 4.
   assert layout.describe() == ("layout: params 3.33 KiB/device (of 10.3 KiB), optimizer state "
                                "6.66 KiB/device (of 20.7 KiB), mesh {data: 8}, rules fsdp")
+
+
+def test_a_pair_with_a_tuple_shards_over_its_axes_jointly():
+  # Flax's meaning for a list of pairs: ("batch", ("data", "model")) splits over all 8 devices.
+  mesh = sharding.make_mesh({"data": 4, "model": 2}, FAKE_8)
+  rules = sharding.ordered_rules([("batch", ("data", "model")), ("embed", ("data", "model")),
+                                  ("embed", "model"), ("mlp", None), ("mlp", "data")])
+  assert sharding.batch_sharding(mesh, rules).spec == sharding.P(("data", "model"))
+  assert sharding.batch_divisor(mesh, rules) == 8
+  assert sharding.mesh_axes(("embed",), (16,), rules, mesh) == (sharding.P(("data", "model")), [])
+  spec, why = sharding.mesh_axes(("embed", "mlp"), (12, 8), rules, mesh)
+  # 12 does not split 8 ways; the fallback takes model. mlp is replicated by rule: no line.
+  assert spec == sharding.P("model", None)
+  assert why == []
+  spec, why = sharding.mesh_axes(("embed",), (5,), rules, mesh)
+  assert spec == sharding.P(None) and why == [
+      "dim 0 ('embed', size 5) stays replicated: 5 is not a multiple of mesh axes "
+      "('data', 'model') (8); 5 is not a multiple of mesh axis 'model' (2)"]
+  assert sharding.rules_label(rules) == (
+      "{batch: data x model, embed: data x model,model, mlp: none,data}")

@@ -6,16 +6,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rerank.models import build
-
-from rerank.training import checkpoints
-from rerank.training import steps
+from rerank import train
 from rerank.data import batches
 from rerank.data import datasets
+from rerank.models import build
 from rerank.models import modes
+from rerank.training import checkpoints
+from rerank.training import steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -67,6 +68,23 @@ def test_no_weight_decay_on_bias_and_layernorm():
   assert kernels and all(np.any(k) for k in kernels)
 
 
+@pytest.mark.parametrize("mode,opt_keys", [
+    ("be", ["main"]), ("ce", ["main"]), ("joint_sum", ["main"]), ("joint_alternate", ["be", "ce"]),
+    ("separate", ["be", "ce"])])
+def test_optimizer_state_keys_per_mode(mode, opt_keys):
+  # Checkpoints store the optimizer state under these keys: they must not change.
+  m = modes.get(mode)
+  assert list(m.opt_keys) == opt_keys
+  params = {"be": {"w": jnp.ones(2)}, "ce": {"w": jnp.ones(3)}} if m.separate else {"w": jnp.ones(2)}
+  opt = steps.init_opt_state(steps.optimizer(_config(mode)), params, mode)
+  assert list(opt) == opt_keys
+  if m.separate:  # each tree has its own optimizer, shaped like it
+    assert opt["ce"][1][0].mu["w"].shape == (3,)
+  # Updates run BE first, then CE; a step with one update optimises every objective of its mode.
+  assert [u.objectives for u in m.updates] == (
+      [("be",), ("ce",)] if len(opt_keys) == 2 else [m.batch_parts])
+
+
 def test_checkpoint_round_trip(tmp_path):
   config = _config()
   _, _, _, state = _setup(config)
@@ -98,7 +116,70 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in rows}
 
 
-def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+  """train_and_evaluate called from Python on demo.py:runlocal: (config, workdir, results)."""
+  workdir = str(tmp_path_factory.mktemp("in_process"))
+  config = demo.get_config("runlocal")
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def _recalls(results):
+  return [[row[d][k] for d in ("t2i", "i2t") for k in ("R@1", "R@5", "R@10")]
+          for row in results["rows"]]
+
+
+def test_train_and_evaluate_in_process_writes_results(in_process):
+  config, workdir, results = in_process
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(results))  # returned == written
+  assert results["dataset"] == "synthetic_scenes" and results["split"] == "test"
+  n_img, n_txt = config.dataset.num_test_images, results["num_texts"]
+  assert results["num_images"] == n_img and n_txt == 5 * n_img
+  assert [row["method"] for row in results["rows"]] == ["BE", "CE", "RR"]
+  for row, recalls in zip(results["rows"], _recalls(results)):
+    assert row["model"] == "joint"
+    assert all(0 <= v <= 100 for v in recalls) and all(np.isfinite(recalls))
+    assert row["mR"] == pytest.approx(np.mean(recalls)) and row["rsum"] > 0
+  be, ce, rr = results["rows"]
+  assert be["queries"] == rr["queries"] == {"t2i": n_txt, "i2t": n_img}  # rr_queries 0 = all
+  assert ce["queries"] == {"t2i": config.eval.ce_queries_t2i, "i2t": config.eval.ce_queries_i2t}
+  assert be["k"] is None and rr["k"] == config.eval.k
+  assert results["checkpoint"].startswith("best (step ")  # eval.use_best with dev evaluation
+  assert sorted(_losses(workdir)) == [2, 3, 4, 6]
+
+
+def test_non_finite_loss_stops_training_before_it_is_saved(tmp_path, monkeypatch):
+  make_train_step = steps.make_train_step
+
+  def poisoned(model, config, tx):  # the BE loss turns NaN from step 4 on
+    step_fn = make_train_step(model, config, tx)
+
+    def fn(state, batch):
+      new_state, m = step_fn(state, batch)
+      bad = state["step"] >= 3
+      return new_state, {**m, "be_loss": jnp.where(bad, jnp.nan, m["be_loss"]),
+                         "loss": jnp.where(bad, jnp.nan, m["loss"])}
+    return fn
+
+  monkeypatch.setattr(steps, "make_train_step", poisoned)
+  workdir = str(tmp_path / "w")
+  # runlocal: 6 steps, a log line every 2, dev evaluation and a checkpoint every 3.
+  with pytest.raises(steps.NonFiniteLossError) as e:
+    train.train_and_evaluate(demo.get_config("runlocal"), workdir)
+  message = str(e.value)
+  assert message.startswith("loss is not finite at step 4 (finite at step 3, the previous check)")
+  for name in ("be_loss=nan", " loss=nan", "ce_loss=", "be_grad_norm=", "ce_grad_norm="):
+    assert name in message, message
+  assert "\n" not in message
+  def saved(d):
+    return sorted(int(n) for n in os.listdir(os.path.join(workdir, d)) if n.isdigit())
+  assert saved("checkpoints") == [3] and saved("best") == [3]  # nothing of step 4
+  assert sorted(_losses(workdir)) == [2, 3]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_cli_trains_evaluates_and_resumes_exactly(tmp_path, in_process):
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
   cfg = "--config=configs/demo.py:runlocal"
   r = _run("rerank.train", cfg, f"--workdir={full}")
@@ -122,6 +203,10 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
   assert os.listdir(os.path.join(full, "tensorboard"))
   losses = _losses(full)
   assert sorted(losses) == [2, 3, 4, 6]  # log every 2, dev eval every 3
+  # The command and the Python call are the same trainer: same losses, same table.
+  np.testing.assert_array_equal([losses[s] for s in sorted(losses)],
+                                [_losses(in_process[1])[s] for s in sorted(losses)])
+  assert _recalls(res) == _recalls(in_process[2])
 
   # Stop after step 3 (a checkpoint), then rerun the same command: it resumes and matches.
   r = _run("rerank.train", cfg, f"--workdir={part}", "--stop_after=3")
@@ -159,6 +244,12 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path):
     (["rerank.evaluate", "--config=configs/demo.py:runlocal", "--workdir={tmp}"], "no checkpoint"),
     (["rerank.train", "--config=configs/demo.py:runlocal,mode=ce", "--workdir={tmp}/w",
       "--config.hard_negatives.every=2"], "bi-encoder"),
+    (["rerank.train", "--config=configs/demo.py:runlocal", "--workdir={tmp}/w",
+      "--config.log_every=0", "--config.eval.k=0"],
+     "2 config problems: (1) config.log_every: expected an integer >= 1; found 0; "
+     "(2) config.eval.k: expected an integer >= 1; found 0"),
+    (["rerank.train", "--config=configs/demo.py:runlocal", "--workdir={tmp}/w",
+      "--config.lr=1e30"], "loss is not finite at step 2"),
 ])
 def test_bad_input_gives_one_actionable_line(tmp_path, args, expected):
   (tmp_path / "file").write_text("not a directory")
@@ -168,6 +259,8 @@ def test_bad_input_gives_one_actionable_line(tmp_path, args, expected):
   assert lines and lines[-1].startswith("error:"), r.stderr[-2000:]
   assert expected in lines[-1]
   assert "Traceback" not in r.stderr
+  if "config problems" in expected:  # found before anything is written
+    assert not os.path.exists(tmp_path / "w")
 
 
 def test_cli_ance_mines_negatives_for_both_losses(tmp_path):

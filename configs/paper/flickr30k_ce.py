@@ -1,14 +1,12 @@
-r"""Paper row: Flickr30k, OSCAR base, CE only (cross-encoder, 2-class loss), lr 5e-5, 100k steps.
+r"""Paper row: Flickr30k, OSCAR base, CE only (cross-encoder).
 
-Tables: flickr30k (python -m rerank.reproduce --list). Evaluation: test (1,000 images / 5,000
-captions); methods CE.
-Hyperparameters: shared/DESIGN.md section 2 (batch 128, text 70+2, 50 regions, AdamW eps 1e-6,
-wd 0.05, no warmup, linear decay, clip 1.0, VSE++ margin 0.1, seed 123456789, bf16).
+Needs: data/tfds/flickr30k_butd (python -m rerank.data.prepare --dataset=flickr30k_butd
+from the bottom-up-attention Flickr30k features (TSV) and flickr30k_entities Sentences +
+split lists) and checkpoints/oscar-base-ir (python -m rerank.convert on OSCAR's base
+image-retrieval checkpoint).
 
-Needs: data/tfds/flickr30k_butd (python -m rerank.data.prepare --dataset=flickr30k_butd from
-the bottom-up-attention Flickr30k features (TSV) and flickr30k_entities Sentences + split lists) and
-checkpoints/oscar-base-ir (python -m rerank.convert on OSCAR's base image-retrieval checkpoint).
-Other places: `:data_dir=DIR,init_from=DIR` after the config path.
+Evaluation: test (1,000 images / 5,000 captions).
+Data and weights elsewhere: `:data_dir=DIR,init_from=DIR` after the config path.
 
 Single GPU:
   python -m rerank.train --config=configs/paper/flickr30k_ce.py --workdir=workdirs/flickr30k_ce
@@ -17,13 +15,18 @@ TPU VM slice (workdir on storage every host sees):
       --config=configs/paper/flickr30k_ce.py --workdir=/shared/workdirs/flickr30k_ce
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/flickr30k_ce.py:runlocal --workdir=/tmp/flickr30k_ce
-
-Reference: none published in the authors' README for this row (the paper's own table
-cells are not transcribed here yet).
 """
 
-from rerank import paper_configs
+from configs.paper import common
 
 
 def get_config(arg=None):
-  return paper_configs.paper_config("flickr30k", "ce", arg)
+  c, arg = common.base(arg, dataset="flickr30k")
+  c.mode = "ce"
+  c.lr = 5e-5
+  c.total_steps = 100_000
+  c.batch_size = 128  # captions per step (CE: 256 pairs)
+  c.eval.k = 20  # rerank depth: RR reranks the BE top k with the CE
+  c.loss.be = "vsepp"  # VSE++: hardest in-batch negative (margin in common)
+  c.loss.ce = "pairwise"  # the authors' 2-class loss on one positive and one negative pair
+  return common.finish(c, arg)

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 from rerank import cli
@@ -33,8 +32,7 @@ from rerank.data.sources import synthetic
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
-  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+def define_flags():
   flags.DEFINE_enum("dataset", None, list(SOURCES), "Which release to convert.")
   flags.DEFINE_string("source_dir", None, "Directory with the release's files.")
   flags.DEFINE_string("data_dir", None, "TFDS data directory to write NAME/1.0.0 into.")
@@ -112,5 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

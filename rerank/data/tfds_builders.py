@@ -1,7 +1,7 @@
 """Writes source `Image` streams as TFDS datasets (array_record, no TensorFlow) and reads them.
 
 One record per image, in the source's order (shuffling disabled: training order comes from
-`rerank.data.pipeline`, not from the file):
+`rerank.data.batches`, not from the file):
   image_id    text
   regions     [N, 2054] float16 or float32 (chosen at prepare time): 2048 feature values and
               the 6 box values [x1/W, y1/H, x2/W, y2/H, w/W, h/H]

@@ -42,8 +42,10 @@ def build_model(config, cls_token_id: int, vocab_size: int) -> heads.RetrievalMo
                                   head_dropout=config.model.get("head_dropout", 0.1))
 
 
-def with_pretrained_encoder(params, encoder_params, mode: str):
+def with_pretrained_encoder(params, encoder_params, mode):
   """`params` with every encoder tree replaced by `encoder_params` (heads keep their init).
+
+  `mode` is a `modes.Mode` or its name: a separate model has two encoders, both replaced.
 
   Raises ValueError naming the first parameter whose path or shape differs.
   """

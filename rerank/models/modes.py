@@ -1,7 +1,7 @@
 """Training modes as one small object: which parameter trees, which heads, which updates.
 
 `config.mode` is a name; `modes.get(config.mode)` resolves it once, and everything after asks
-the object (`mode.has_be`, `mode.be_params(params)`, `mode.opt_keys`) instead of comparing
+the object (`mode.has_be`, `mode.be_params(params)`, `mode.updates`) instead of comparing
 strings. The five modes (docs/DESIGN.md, "Modes"):
 
   be               one tree, the bi-encoder objective only
@@ -15,6 +15,19 @@ import dataclasses
 
 
 @dataclasses.dataclass(frozen=True)
+class Update:
+  """One optimizer update of a training step: what it minimises, with which optimizer, on what.
+
+  A step runs its mode's updates in order, each with its own forward/backward pass, gradient
+  clipping and optimizer state `state["opt_state"][opt_key]`.
+  """
+
+  opt_key: str  # its optimizer state's key: "main" when a step has one update, else "be"/"ce"
+  objectives: tuple[str, ...]  # "be" and/or "ce"; both = be_loss + ce_weight * ce_loss
+  tree: str | None = None  # the top-level params key it updates ("be"/"ce"); None = all params
+
+
+@dataclasses.dataclass(frozen=True)
 class Mode:
   name: str
   has_be: bool  # the model has a bi-encoder (text / image embeddings)
@@ -23,9 +36,18 @@ class Mode:
   alternate: bool = False  # one tree, a BE update then a CE update per step
 
   @property
+  def updates(self) -> tuple[Update, ...]:
+    """The optimizer updates of one training step, in the order they run."""
+    if self.separate:
+      return (Update("be", ("be",), tree="be"), Update("ce", ("ce",), tree="ce"))
+    if self.alternate:
+      return (Update("be", ("be",)), Update("ce", ("ce",)))
+    return (Update("main", self.batch_parts),)
+
+  @property
   def opt_keys(self) -> tuple[str, ...]:
     """Keys of the optimizer-state dict: one optimizer per update of a step."""
-    return ("be", "ce") if self.separate or self.alternate else ("main",)
+    return tuple(u.opt_key for u in self.updates)
 
   @property
   def batch_parts(self) -> tuple[str, ...]:

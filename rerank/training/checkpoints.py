@@ -63,3 +63,11 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    """Waits for pending asynchronous saves, then closes both managers."""
+    self.wait()
+    self.close()

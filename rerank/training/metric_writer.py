@@ -12,6 +12,7 @@ import tensorboardX
 
 
 class MetricWriter:
+  """Appends one row of scalars per logged step; a no-op on processes other than the main one."""
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.enabled = enabled
@@ -45,3 +46,9 @@ class MetricWriter:
     if self.enabled:
       self._file.close()
       self._tb.close()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -11,16 +11,19 @@ Every model parameter carries logical axis names ("vocab", "embed", "heads", "kv
   ConfigDict sorts its keys.
 - `config.rules`: logical axis -> the mesh axes it may be sharded over, first that applies
   wins: "data", "" (replicated), or several as "data,model" or ("data", "model"). The table
-  becomes Flax's ordered `(logical, mesh axis)` rules (t5x style): every name's first choice
-  (in LOGICAL_AXES order), then every name's second choice, and so on. A config may also give
-  that ordered list of pairs itself.
+  becomes Flax's ordered `(logical, mesh axes)` rules (t5x style): every name's first choice
+  (in LOGICAL_AXES order), then every name's second choice, and so on. A config may instead
+  give that ordered list of pairs itself, with Flax's meaning: a name repeated in several
+  pairs is tried in order, a tuple of mesh axes shards one dimension over all of them
+  jointly (`("batch", ("data", "fsdp"))`), None replicates it.
 
 Flax applies the rules (`nn.logical_to_mesh_axes`): a rule applies to a dimension when the
-dimension is not placed yet and no other dimension of the array uses its mesh axis. We add
-one condition Flax does not know: the dimension's size must be a multiple of the mesh axis. A
-dimension no rule applies to stays replicated, and the setup logs which parameter, which
-dimension and why, so any rules table is valid for any model size (the odd vocabulary of a
-tokenizer, say) without hiding the cost.
+dimension is not placed yet and no other dimension of the array uses its mesh axes. We add
+one condition Flax does not know: the dimension's size must be a multiple of the mesh axes'
+size. A dimension no rule applies to stays replicated, and the setup logs which parameter,
+which dimension and why, so any rules table is valid for any model size (the odd vocabulary
+of a tokenizer, say) without hiding the cost. Batch arrays are split along their leading axis
+by the first "batch" rule.
 
 The presets in `RULES` are the three classic layouts; they differ in the rules only:
   dp    batch over `data`; every parameter replicated.
@@ -53,7 +56,8 @@ RULES = {
     "tp": dict(batch="data", vocab="", embed="", heads="model", kv="", mlp="model"),
 }
 
-Rules = tuple[tuple[str, str], ...]  # ordered (logical axis, mesh axis) pairs, Flax's form
+MeshAxes = str | tuple[str, ...] | None  # one mesh axis, several jointly, or replicated
+Rules = tuple[tuple[str, MeshAxes], ...]  # ordered (logical axis, mesh axes) pairs, Flax's form
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -95,7 +99,7 @@ def _is_table(rules) -> bool:
 
 
 def _choices(axes) -> list[str]:
-  """"data" | "data,model" | ("data", "model") | "" | None -> the mesh axes, in order."""
+  """A table's value -> its mesh axes, in order: "data" | "data,model" | ("data", "model") | ""."""
   if axes is None:
     return []
   if isinstance(axes, str):
@@ -103,15 +107,33 @@ def _choices(axes) -> list[str]:
   return [a.strip() for a in axes if a and a.strip()]
 
 
+def _pair_axes(axes) -> MeshAxes:
+  """A pair's mesh axes as Flax takes them: a name, a tuple (joint) of two or more, or None."""
+  if axes is None or isinstance(axes, str):
+    return axes or None
+  axes = tuple(a for a in axes if a)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def axis_names(axes: MeshAxes) -> tuple[str, ...]:
+  """The mesh axis names of one rule's mesh axes (() for None)."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _ways(axes: MeshAxes, mesh: Mesh) -> int:
+  """How many shards `axes` cut a dimension into."""
+  return int(np.prod([mesh.shape[a] for a in axis_names(axes)], dtype=np.int64))
+
+
 def ordered_rules(rules) -> Rules:
-  """Flax's ordered (logical, mesh axis) pairs from a rules table or a list of pairs.
+  """Flax's ordered (logical, mesh axes) pairs from a rules table or a list of pairs.
 
   A table (logical -> mesh axes) is ordered by choice, then by LOGICAL_AXES: every name's
   first mesh axis comes before any name's fallback, so a fallback never takes a mesh axis
-  from another name's first choice. A list of pairs keeps its order.
+  from another name's first choice; "" gives no rule. A list of pairs keeps its order.
   """
   if not _is_table(rules):
-    return tuple((name, axis) for name, axes in rules for axis in _choices(axes))
+    return tuple((name, _pair_axes(axes)) for name, axes in rules)
   rank = {name: i for i, name in enumerate(LOGICAL_AXES)}
   names = sorted(rules, key=lambda n: (rank.get(n, len(rank)), n))
   table = {name: _choices(rules[name]) for name in names}
@@ -133,22 +155,23 @@ def rules_from_config(config, mesh: Mesh) -> Rules:
   if unknown:
     raise ValueError(f"config.rules: unknown logical axes {unknown}; "
                      f"expected some of {list(LOGICAL_AXES)}")
-  for name, axis in pairs:
-    if axis not in mesh.axis_names:
-      raise ValueError(f"{where[name]}: expected mesh axes of config.mesh "
-                       f"{list(mesh.axis_names)} or \"\"; found {axis!r}")
+  for name, axes in pairs:
+    for axis in axis_names(axes):
+      if axis not in mesh.axis_names:
+        raise ValueError(f"{where[name]}: expected mesh axes of config.mesh "
+                         f"{list(mesh.axis_names)} or \"\"; found {axis!r}")
   return pairs
 
 
 def rules_label(rules) -> str:
-  """The preset's name when `rules` is one ("fsdp"), else its non-empty rules."""
+  """The preset's name when `rules` is one ("fsdp"), else its rules ("{embed: data,model}")."""
   pairs = ordered_rules(rules)
   for name, preset in RULES.items():
     if pairs == ordered_rules(preset):
       return name
   table = {}
-  for name, axis in pairs:
-    table.setdefault(name, []).append(axis)
+  for name, axes in pairs:
+    table.setdefault(name, []).append(" x ".join(axis_names(axes)) or "none")
   return "{" + ", ".join(f"{n}: {','.join(a)}" for n, a in table.items()) + "}"
 
 
@@ -156,27 +179,30 @@ def mesh_axes(names, shape, rules: Rules, mesh: Mesh) -> tuple[P, list[str]]:
   """PartitionSpec of one array from its logical axis names, and why dimensions stay whole.
 
   Flax's `logical_to_mesh_axes` places the dimensions; the rules it sees are those whose mesh
-  axis divides their dimension. Returns (spec, reasons): one line per named dimension that a
-  rule names but none could place.
+  axes divide their dimension. Returns (spec, reasons): one line per named dimension that
+  stays replicated because its rules could not apply (not for a rule that replicates it).
   """
   names = tuple(names)
   dims = {name: i for i, name in enumerate(names) if name is not None}
-  fits = lambda name, axis: shape[dims[name]] % mesh.shape[axis] == 0  # noqa: E731
+  fits = lambda name, axes: shape[dims[name]] % _ways(axes, mesh) == 0  # noqa: E731
   usable = tuple((n, a) for n, a in rules if n in dims and fits(n, a))
   spec = nn.logical_to_mesh_axes(names, usable)
   reasons = []
   for i, name in enumerate(names):
-    tried = [a for n, a in rules if n == name]
-    if spec[i] is not None or not tried:
+    if spec[i] is not None:
       continue
     why = []
-    for axis in tried:
-      if not fits(name, axis):
-        why.append(f"{shape[i]} is not a multiple of mesh axis {axis!r} ({mesh.shape[axis]})")
+    for axes in [a for n, a in rules if n == name]:
+      if axes is None:  # the rules replicate it from here on
+        break
+      label = f"mesh axis {axes!r}" if isinstance(axes, str) else f"mesh axes {axes!r}"
+      if not fits(name, axes):
+        why.append(f"{shape[i]} is not a multiple of {label} ({_ways(axes, mesh)})")
       else:
-        j = list(spec).index(axis)
-        why.append(f"mesh axis {axis!r} already shards dim {j} ({names[j]!r})")
-    reasons.append(f"dim {i} ({name!r}, size {shape[i]}) stays replicated: {'; '.join(why)}")
+        j = next(j for j, got in enumerate(spec) if set(axis_names(got)) & set(axis_names(axes)))
+        why.append(f"{label} already shards dim {j} ({names[j]!r})")
+    if why:
+      reasons.append(f"dim {i} ({name!r}, size {shape[i]}) stays replicated: {'; '.join(why)}")
   return spec, reasons
 
 
@@ -294,9 +320,9 @@ class TrainLayout:
             f"mesh {{{mesh}}}, rules {self.rules_name}")
 
 
-def batch_axis(rules) -> str | None:
-  """The mesh axis batch arrays are split over: the first rule for "batch" (None = none)."""
-  return next((axis for name, axis in ordered_rules(rules) if name == "batch"), None)
+def batch_axis(rules) -> MeshAxes:
+  """The mesh axes batch arrays are split over: the first "batch" rule's (None = not split)."""
+  return next((axes for name, axes in ordered_rules(rules) if name == "batch"), None)
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
@@ -306,8 +332,7 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh, rules) -> int:
   """How many ways the batch is split: batch sizes must be a multiple of this."""
-  axis = batch_axis(rules)
-  return mesh.shape[axis] if axis else 1
+  return _ways(batch_axis(rules), mesh)
 
 
 def shard_batch(batch, sharding: NamedSharding):
@@ -351,7 +376,10 @@ def create_train_state(config, model, tx, devices=None,
   logger = logging.getLogger(__name__)
   mesh = make_mesh(config.mesh, devices)
   rules = rules_from_config(config, mesh)
-  make_state = lambda: steps.init_train_state(model, config, tx, jax.random.PRNGKey(config.seed))  # noqa: E731
+
+  def make_state():
+    return steps.init_train_state(model, config, tx, jax.random.PRNGKey(config.seed))
+
   boxed = abstract_train_state(model, config, tx, make_state)
   state_sh = state_shardings(boxed, rules, mesh, log or logger.warning)
   layout = TrainLayout(mesh, rules, state_sh, batch_sharding(mesh, rules), NamedSharding(mesh, P()),

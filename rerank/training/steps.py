@@ -1,7 +1,8 @@
 """Pure, jittable pieces of training: model construction, optimizer, losses, the update step.
 
 Everything here is a function of its arguments (params, batch, rng); the trainer loop in
-`rerank/train.py` owns side effects. Modes (see `rerank.models.modes`):
+`rerank/train.py` owns side effects, and calls `check_finite` on the metrics it fetches.
+What a step updates comes from the mode (`rerank.models.modes.Mode.updates`):
 - `be`, `ce`: one objective, one optimizer.
 - `joint_alternate`: ONE parameter tree, two optimizers (as the authors' multi-objective fit):
   each step does a BE update and then a CE update, each with its own forward/backward/clip.
@@ -10,6 +11,7 @@ Everything here is a function of its arguments (params, batch, rng); the trainer
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +44,14 @@ def optimizer(config) -> optax.GradientTransformation:
                   weight_decay=config.weight_decay, mask=_decay_mask))
 
 
-def init_opt_state(tx, params, mode: str):
-  if mode == "separate":
-    return {"be": tx.init(params["be"]), "ce": tx.init(params["ce"])}
-  if mode == "joint_alternate":
-    return {"be": tx.init(params), "ce": tx.init(params)}
-  return {"main": tx.init(params)}
+def init_opt_state(tx, params, mode) -> dict:
+  """{opt_key: optimizer state} for each update of `mode` (a Mode or its name)."""
+  return {u.opt_key: tx.init(_tree(params, u)) for u in modes.get(mode).updates}
+
+
+def _tree(params, update: modes.Update):
+  """The parameters `update` trains: one tree of a two-tree model, else all of them."""
+  return params[update.tree] if update.tree else params
 
 
 def init_train_state(model, config, tx, rng) -> dict:
@@ -150,37 +154,41 @@ def _update(tx, loss_fn, params, opt_state, batch, rng, prefix: str, accum: int 
 def train_step(model, config, tx, state, batch):
   """One step of `config.mode`. state = {step, params, opt_state, rng}; returns (state, metrics).
 
+  Runs the mode's updates in order (`modes.Mode.updates`); a later update sees the parameters
+  an earlier one produced. Metrics of a mode with two updates carry the update's prefix
+  (`be_grad_norm`, `ce_grad_norm`); `loss` is the sum of the updates' losses.
   `config.grad_accum` (default 1) splits the batch into that many micro-batches per update.
   """
-  mode = config.mode
+  mode = modes.get(config.mode)
   accum = int(getattr(config, "grad_accum", 1) or 1)
   rng, r_be, r_ce = jax.random.split(state["rng"], 3)
   params, opt = state["params"], dict(state["opt_state"])
-  be_fn = lambda p, b, r: be_loss(model, config, p, b["be"], r)  # noqa: E731
   group = config.loss.ce_group.size if config.loss.get("ce", "pairwise") == "listwise" else 0
+  be_fn = lambda p, b, r: be_loss(model, config, p, b["be"], r)  # noqa: E731
   ce_fn = lambda p, b, r: ce_loss(model, p, b["ce"], r, group)  # noqa: E731
-  update = lambda fn, p, o, r, prefix: _update(tx, fn, p, o, batch, r, prefix, accum)  # noqa: E731
-  metrics = {}
-  if mode == "be":
-    params, opt["main"], loss, metrics = update(be_fn, params, opt["main"], r_be, "")
-  elif mode == "ce":
-    params, opt["main"], loss, metrics = update(ce_fn, params, opt["main"], r_ce, "")
-  elif mode == "joint_alternate":
-    params, opt["be"], l_be, m_be = update(be_fn, params, opt["be"], r_be, "be_")
-    params, opt["ce"], l_ce, m_ce = update(ce_fn, params, opt["ce"], r_ce, "ce_")
-    loss, metrics = l_be + l_ce, {**m_be, **m_ce}
-  elif mode == "joint_sum":
+
+  def objective(names):
+    """(loss_fn(params, batch, rng), rng) of an update on `names`: ("be",), ("ce",) or both."""
+    if names == ("be",):
+      return be_fn, r_be
+    if names == ("ce",):
+      return ce_fn, r_ce
+
     def sum_fn(p, b, r):  # r = (r_be, r_ce)
       l_be, m_be = be_fn(p, b, r[0])
       l_ce, m_ce = ce_fn(p, b, r[1])
       return l_be + config.loss.ce_weight * l_ce, {**m_be, **m_ce}
-    params, opt["main"], loss, metrics = update(sum_fn, params, opt["main"], (r_be, r_ce), "")
-  elif mode == "separate":
-    p_be, opt["be"], l_be, m_be = update(be_fn, params["be"], opt["be"], r_be, "be_")
-    p_ce, opt["ce"], l_ce, m_ce = update(ce_fn, params["ce"], opt["ce"], r_ce, "ce_")
-    params, loss, metrics = {"be": p_be, "ce": p_ce}, l_be + l_ce, {**m_be, **m_ce}
-  else:
-    raise ValueError(f"config.mode: expected one of {list(modes.MODES)}; found {mode!r}")
+    return sum_fn, (r_be, r_ce)
+
+  loss, metrics = None, {}
+  for u in mode.updates:
+    fn, r = objective(u.objectives)
+    prefix = f"{u.opt_key}_" if len(mode.updates) > 1 else ""
+    new, opt[u.opt_key], u_loss, u_metrics = _update(tx, fn, _tree(params, u), opt[u.opt_key],
+                                                     batch, r, prefix, accum)
+    params = {**params, u.tree: new} if u.tree else new
+    loss = u_loss if loss is None else loss + u_loss
+    metrics.update(u_metrics)
   metrics["loss"] = loss
   metrics["lr"] = schedule(config)(state["step"])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt, "rng": rng}
@@ -189,3 +197,25 @@ def train_step(model, config, tx, state, batch):
 
 def make_train_step(model, config, tx):
   return functools.partial(train_step, model, config, tx)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss or gradient norm became NaN or inf; the message names the step and every loss."""
+
+
+def check_finite(step: int, metrics: dict, last_checked: int = 0) -> None:
+  """Raises NonFiniteLossError if a loss or gradient norm in (host) `metrics` is not finite.
+
+  Args:
+    step: the step these metrics come from.
+    metrics: {name: scalar} of `train_step`, fetched to the host.
+    last_checked: the previous step that was checked: the values went bad in (last_checked, step].
+  """
+  watched = {k: float(v) for k, v in metrics.items()
+             if k.endswith("loss") or k.endswith("grad_norm")}
+  if all(math.isfinite(v) for v in watched.values()):
+    return
+  values = " ".join(f"{k}={v:.6g}" for k, v in sorted(watched.items()))
+  since = f" (finite at step {last_checked}, the previous check)" if last_checked else ""
+  raise NonFiniteLossError(f"loss is not finite at step {step}{since}: {values}; try a lower "
+                           "config.lr or a longer config.warmup_steps")

@@ -1,4 +1,4 @@
-"""Small helpers shared by config files: the `file.py:key=value,flag` argument parser and sizes."""
+"""What every config file shares: the `file.py:key=value,flag` argument parser and model sizes."""
 
 import ml_collections
 
@@ -36,7 +36,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_config(size: str, **overrides) -> ml_collections.ConfigDict:
-  """The `config.model` block for a named size; `overrides` replace single fields."""
+  """The `config.model` block for a named size; `overrides` replace single fields.
+
+  The one place configs set the region width: a 2048-wide detector feature plus OSCAR's 6 box
+  values (x1, y1, x2, y2, w, h, divided by the image size), as every prepared dataset stores it.
+  """
   if size not in SIZES:
     raise ValueError(f"model size {size!r} unknown; expected one of {sorted(SIZES)}")
   hidden, layers, heads, mlp = SIZES[size]
