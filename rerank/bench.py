@@ -27,24 +27,22 @@ import os
 import platform
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
-from rerank.models import build
-
+from configs import demo
 from rerank import cli
-from rerank.evaluation import evaluator
-from rerank.indexing import indexes as index_lib
-from rerank.inference import reranker as rerank_lib
 from rerank.data import datasets
+from rerank.indexing import indexes as index_lib
+from rerank.inference import engine
+from rerank.inference import reranker as rerank_lib
+from rerank.models import build
 
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
-  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+def define_flags():
   flags.DEFINE_string("out", None, "Output directory for bench.json, bench.md, bench.png.")
   flags.DEFINE_list("sizes", None, "Corpus sizes (default 1e3,1e4,1e5,1e6; --quick 1e3,1e4,1e5).")
   flags.DEFINE_enum("model", "tiny", ["tiny", "mini", "small", "base"], "Encoder size.")
@@ -87,31 +85,21 @@ def _timed(fn, repeats: int = 3) -> float:
   return float(np.median(times))
 
 
-def _demo_config(arg: str):
-  """configs/demo.py of this checkout (the bench's model and input sizes start from it)."""
-  import importlib.util  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 class _Model:
   """A random-weight joint model with the jitted pieces the bench times."""
 
   def __init__(self, size: str, k: int, pair_batch: int = 256):
-    self.config = c = _demo_config(f"size={size}")
+    self.config = c = demo.get_config(f"size={size}")
     if size == "base":  # the paper's input lengths: 70 wordpieces + 2, 50 regions
       c.max_text_len, c.max_regions = 72, 50
     tok = datasets.get_tokenizer(c)
     self.model = build.build_model(c, tok.token_to_id("[CLS]"), tok.get_vocab_size())
     self.params = build.init_params(self.model, c, jax.random.PRNGKey(0))
     self.data, _ = datasets.load_split(c, "test", tok, 64)
-    self.encoder = evaluator.Scorer(self.model, c.mode, 1, self.params)
+    self.encoder = engine.DataScorer(engine.Engine(self.model, c.mode, 1, self.params))
     # Pairs go in fixed batches (padded): a batch larger than the pairs measured would bill
     # the padding to CE-full.
-    self.pair_scorer = evaluator.Scorer(self.model, c.mode, pair_batch, self.params)
+    self.pair_scorer = engine.DataScorer(engine.Engine(self.model, c.mode, pair_batch, self.params))
     self.reranker = rerank_lib.Reranker(self.model, k, query_block=1)
     self.k = k
 
@@ -289,5 +277,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

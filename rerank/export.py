@@ -12,68 +12,63 @@ complete (written under a temporary name, then renamed).
 
 import dataclasses
 
-from absl import app
 from absl import flags
 
 from rerank import cli
+from rerank.inference import engine
+from rerank.models import pretrained
+
+FLAGS = flags.FLAGS
 
 
 def export(workdir: str, dst: str, which: str = "best", part: str = "ce", log=print) -> dict:
   """Writes `dst` from `workdir`'s best (else newest) or newest parameters; returns model.json's
   content. Raises pretrained.ConvertError (destination), FileNotFoundError (workdir) or ValueError
   (an unknown `which` or `part`)."""
-  from rerank.inference import retriever  # pylint: disable=import-outside-toplevel
-  from rerank.models import pretrained  # pylint: disable=import-outside-toplevel
-  from rerank.models import modes  # pylint: disable=import-outside-toplevel
   if which not in ("best", "last"):
     raise ValueError(f"--which: expected best or last; found {which!r}")
   if part not in ("ce", "be"):
     raise ValueError(f"--part: expected ce or be; found {part!r}")
   pretrained.check_destination(dst)
-  loaded = retriever.load_model(workdir, prefer_best=which == "best")
-  mode = modes.get(loaded.config.mode)
+  loaded = engine.restore_workdir(workdir, latest=which == "last")
+  mode = loaded.mode
   pick = mode.ce_params if part == "ce" else mode.be_params
   encoder = pick(loaded.params)["encoder"]
   tok, model = loaded.tokenizer, loaded.model
   cls_token = tok.id_to_token(model.cls_token_id)
   pad_id = tok.token_to_id("[PAD]")
-  meta = {"family": "rerank", "source": [workdir], "checkpoint": loaded.which,
+  meta = {"family": "rerank", "source": [workdir], "checkpoint": loaded.description,
           "mode": mode.name, "part": part if mode.separate else "shared",
           "encoder": dataclasses.asdict(model.cfg), "vocab_size": model.cfg.vocab_size,
           "cls_token": cls_token, "cls_token_id": model.cls_token_id,
           "pad_token": "[PAD]" if pad_id is not None else None, "pad_token_id": pad_id,
           "tokenizer": f"the workdir's ({loaded.config.dataset.name})",
-          "report": {"notes": [f"exported from {loaded.which} of a {mode.name} training run"],
+          "report": {"notes": [f"exported from {loaded.description} of a {mode.name} training run"],
                      "new_when_training": ["ce_head (2-way CE head)"]}}
   pretrained.write_converted(dst, meta, encoder, tok)
-  log(f"exported the encoder of {workdir} ({loaded.which}, mode {mode.name}) -> {dst}")
+  log(f"exported the encoder of {workdir} ({loaded.description}, mode {mode.name}) -> {dst}")
   return meta
 
 
-def _define_flags() -> dict:
-  """The CLI's flags, defined only when run as a script (see rerank/convert.py)."""
-  return dict(
-      workdir=flags.DEFINE_string("workdir", None, "Training workdir (python -m rerank.train --workdir)."),
-      dst=flags.DEFINE_string("dst", None, "Output directory (must not exist yet, or be empty)."),
-      which=flags.DEFINE_enum("which", "best", ["best", "last"],
-                              "best: the best dev checkpoint (else the newest); last: the newest."),
-      part=flags.DEFINE_enum("part", "ce", ["ce", "be"], "Which encoder of a `separate` run."),
-  )
+def define_flags():
+  flags.DEFINE_string("workdir", None, "Training workdir (python -m rerank.train --workdir).")
+  flags.DEFINE_string("dst", None, "Output directory (must not exist yet, or be empty).")
+  flags.DEFINE_enum("which", "best", ["best", "last"],
+                    "best: the best dev checkpoint (else the newest); last: the newest.")
+  flags.DEFINE_enum("part", "ce", ["ce", "be"], "Which encoder of a `separate` run.")
 
 
-def main(argv, f):
+def main(argv):
   del argv
   cli.quiet_library_logs()
-  from rerank.models import pretrained  # pylint: disable=import-outside-toplevel
-  cli.require(f, "workdir", "dst")
+  cli.require(FLAGS, "workdir", "dst")
   try:
-    export(f["workdir"].value, f["dst"].value, f["which"].value, f["part"].value)
+    export(FLAGS.workdir, FLAGS.dst, FLAGS.which, FLAGS.part)
   except (pretrained.ConvertError, FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
   except OSError as e:
-    cli.fail(f"cannot write {f['dst'].value!r}: {e}")
+    cli.fail(f"cannot write {FLAGS.dst!r}: {e}")
 
 
 if __name__ == "__main__":
-  _flags = _define_flags()
-  app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

@@ -4,23 +4,23 @@ r"""Searches an index built by `python -m rerank.index` and prints the ranked im
 
 Each line: rank, corpus row, image id, BE cosine, CE score (with --rerank), and the first
 caption of the image (to see what it is). With --rerank the BE top-k is reordered by the CE
-(or by the fusion of config.search.fusion).
+(or by the fusion of config.search.fusion). From Python: `rerank.inference.Retriever`.
 """
 
-from absl import app
 from absl import flags
 
 from rerank import cli
 from rerank.indexing import indexes as index_lib
+from rerank.inference import retriever
 
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
-  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+def define_flags():
   flags.DEFINE_string("index", None, "Index directory (python -m rerank.index --out=DIR).")
   flags.DEFINE_multi_string("query", None, "Query text; repeat the flag for several.")
-  flags.DEFINE_integer("k", 20, "Candidates retrieved (and reranked); clamped to the corpus size.")
+  flags.DEFINE_integer("k", None, "Candidates retrieved (and reranked); clamped to the corpus "
+                       "size. Default: the checkpoint config's eval.k (20 in the demo).")
   flags.DEFINE_bool("rerank", False, "Rerank the top-k with the cross-encoder.")
   flags.DEFINE_integer("show", 10, "How many of the k to print per query.")
   flags.DEFINE_string("checkpoint", None, "Training workdir to use instead of the one recorded "
@@ -29,15 +29,13 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from rerank.inference import retriever  # noqa: PLC0415  (heavy imports after flag errors)
-
   cli.quiet_library_logs()
   if not FLAGS.index:
     cli.fail("--index is required (a directory written by python -m rerank.index)")
   queries = FLAGS.query or []
   if not queries or any(not q.strip() for q in queries):
     cli.fail(f"--query: expected a non-empty text; found {queries!r}")
-  if FLAGS.k < 1:
+  if FLAGS.k is not None and FLAGS.k < 1:
     cli.fail(f"--k: expected >= 1; found {FLAGS.k}")
   try:
     r = retriever.Retriever.load(FLAGS.index, FLAGS.checkpoint)
@@ -54,5 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

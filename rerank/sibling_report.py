@@ -1,107 +1,42 @@
 """How well a trained model tells a caption's image from its synthetic_scenes siblings, by edit.
 
-Every synthetic_scenes family is a base scene plus one-edit variants (an attribute changed, two
-objects swapping a colour/material, two objects swapping places); every caption is false of its
-image's siblings. Per kind of edit between the two images, this prints the fraction of
-(caption, sibling) pairs where the BE cosine and the CE score rank the caption's own image
-first: where the CE should beat a mean-pooled BE, and whether it does.
-
   python -m rerank.sibling_report --workdir=DIR [--split=test] [--which=best|last]
+
+Prints, per kind of edit between a caption's image and a sibling scene, the fraction of
+(caption, sibling) pairs where the BE and the CE rank the caption's own image first
+(`rerank.evaluation.siblings`).
 """
 
-from absl import app
 from absl import flags
-import numpy as np
 
 from rerank import cli
-
-
-EDITS = ("attribute change", "binding swap", "position swap", "two edits")
-
-
-def edit_kind(scenes, a: int, b: int) -> str:
-  """Which edit separates image rows a and b of one family (see the module docstring)."""
-  if a % scenes.family_size and b % scenes.family_size:
-    return "two edits"  # neither is the base: each is one edit away from it
-  objs = [sorted(map(tuple, scenes.attributes[r, :scenes.num_regions[r]].tolist())) for r in (a, b)]
-  if objs[0] == objs[1]:
-    return "position swap"
-  same_values = all(sorted(o[c] for o in objs[0]) == sorted(o[c] for o in objs[1]) for c in range(4))
-  return "binding swap" if same_values else "attribute change"
-
-
-def sibling_pairs(caption_image: np.ndarray, family_size: int):
-  """(caption rows [P], sibling image rows [P]) for every caption and each of its siblings."""
-  img = np.repeat(caption_image, family_size - 1)
-  first = img - img % family_size
-  offset = np.tile(np.arange(1, family_size), len(caption_image))
-  return (np.repeat(np.arange(len(caption_image)), family_size - 1),
-          first + (img - first + offset) % family_size)
-
-
-def report(scorer, data, scenes, has_be: bool, has_ce: bool) -> dict:
-  """{edit: {"pairs": n, "BE": acc, "CE": acc}} plus "all"."""
-  txt, sib = sibling_pairs(data.caption_image, scenes.family_size)
-  own = data.caption_image[txt]
-  kinds = np.array([edit_kind(scenes, a, b) for a, b in zip(own, sib)])
-  correct = {}
-  if has_be:
-    t = scorer.texts(data, np.arange(data.num_texts))
-    v = scorer.images(data, np.arange(data.num_images))
-    correct["BE"] = (t[txt] * v[own]).sum(1) > (t[txt] * v[sib]).sum(1)
-  if has_ce:
-    s_own = scorer.pairs(data, np.arange(data.num_texts), data.caption_image, "CE own")
-    correct["CE"] = s_own[txt] > scorer.pairs(data, txt, sib, "CE siblings")
-  out = {}
-  for name in (*EDITS, "all"):
-    sel = np.ones(len(kinds), bool) if name == "all" else kinds == name
-    if sel.any():
-      out[name] = {"pairs": int(sel.sum()), **{m: float(c[sel].mean()) for m, c in correct.items()}}
-  return out
-
-
-def main(argv):
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  from rerank.evaluation import evaluator  # noqa: PLC0415 (heavy imports after flag parsing)
-  from rerank.inference import retriever  # noqa: PLC0415
-  from rerank.data import datasets, synthetic_scenes  # noqa: PLC0415
-  from rerank.models import modes  # noqa: PLC0415
-  try:
-    m = retriever.load_model(FLAGS.workdir, prefer_best=FLAGS.which == "best")
-  except (FileNotFoundError, ValueError) as e:
-    cli.fail(str(e))
-  cfg, ds = m.config, m.config.dataset
-  if ds.name != "synthetic_scenes" or ds.get("data_dir"):
-    cli.fail(f"{FLAGS.workdir}: config.dataset.name must be a generated synthetic_scenes; "
-             f"found {ds.name!r}")
-  data, _ = datasets.load_split(cfg, FLAGS.split, m.tokenizer)
-  scenes = synthetic_scenes.generate(
-      FLAGS.split, seed=ds.seed, family_size=ds.family_size, noise_std=ds.noise_std,
-      min_objects=ds.get("min_objects", 2), max_objects=ds.get("max_objects", 4))
-  scorer = evaluator.Scorer(m.model, cfg.mode, cfg.eval.batch_size, m.params)
-  mode = modes.get(cfg.mode)
-  rows = report(scorer, data, scenes, mode.has_be, mode.has_ce)
-  methods = [k for k in ("BE", "CE") if k in rows["all"]]
-  print(f"{FLAGS.workdir} ({m.which}), {FLAGS.split}: own image ranked above a sibling")
-  print("| edit | pairs | " + " | ".join(methods) + " |")
-  print("|---|---|" + "---|" * len(methods))
-  for name, r in rows.items():
-    print(f"| {name} | {r['pairs']} | " + " | ".join(f"{r[k]:.3f}" for k in methods) + " |")
-
+from rerank.evaluation import siblings
 
 FLAGS = flags.FLAGS
 
 
-def _define_flags():
-  """Command-line flags, defined only when run as a script (several CLIs share a test process)."""
+def define_flags():
   flags.DEFINE_string("workdir", None, "A training workdir on synthetic_scenes.")
   flags.DEFINE_string("split", "test", "Split to measure on (train, dev or test).")
   flags.DEFINE_enum("which", "best", ["best", "last"],
                     "best: the best dev checkpoint (else the newest); last: the newest.")
 
 
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.require(FLAGS, "workdir")
+  try:
+    rows, which = siblings.report_workdir(FLAGS.workdir, FLAGS.split, latest=FLAGS.which == "last")
+  except (FileNotFoundError, ValueError) as e:
+    cli.fail(str(e))
+  methods = [k for k in ("BE", "CE") if k in rows["all"]]
+  print(f"{FLAGS.workdir} ({which}), {FLAGS.split}: own image ranked above a sibling")
+  print("| edit | pairs | " + " | ".join(methods) + " |")
+  print("|---|---|" + "---|" * len(methods))
+  for name, r in rows.items():
+    print(f"| {name} | {r['pairs']} | " + " | ".join(f"{r[k]:.3f}" for k in methods) + " |")
+
+
 if __name__ == "__main__":
-  _define_flags()
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, define_flags)

@@ -16,7 +16,6 @@ and parameter layout come from `config.mesh` and `config.rules` (rerank/training
 and multi-host jobs are detected by rerank/training/distributed.py.
 """
 
-import functools
 import os
 import signal
 import threading
@@ -29,8 +28,8 @@ from jax.experimental import multihost_utils
 from rerank import cli
 from rerank.data import batches
 from rerank.data import datasets
-from rerank.data import eval_sets
 from rerank.evaluation import evaluator
+from rerank.inference import engine
 from rerank.models import build
 from rerank.models import modes
 from rerank.models import pretrained
@@ -105,7 +104,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
 
   # ---------------------------------------------------------------- evaluators
   # Every process evaluates alike on its own first device, from a gathered copy of the params.
-  scorer = evaluator.Scorer(model, config.mode, config.eval.batch_size)
+  scorer = engine.DataScorer(engine.Engine(model, config.mode, config.eval.batch_size))
   local = lambda params: scorer.set_params(sharding.local_replica(params, mesh))  # noqa: E731
 
   def dev_score(params) -> float:
@@ -197,10 +196,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
       params, which = ckpts.restore_params(state, prefer_best=True)
   log(f"evaluating {which} parameters")
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
-  evaluate_fn = functools.partial(evaluator.evaluate, index_cfg=config.get("index"))
-  results = eval_sets.results(config, config.eval.split, tokenizer, datasets.load_split,
-                              evaluate_fn, local(params), log=log,
-                              num_images=ds.num_test_images or None)
+  results = evaluator.evaluate_config(local(params), config, tokenizer, log=log,
+                                      num_images=ds.num_test_images or None)
   results["checkpoint"] = which
   if is_main:
     table = evaluator.write_results(workdir, results)

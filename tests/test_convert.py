@@ -18,6 +18,7 @@ import pytest
 from safetensors import numpy as st_numpy
 from scipy import special
 
+from rerank.data import datasets
 from rerank.models import convert as convert_lib
 from rerank.models import encoder as encoder_lib
 from rerank.models import pretrained
@@ -132,7 +133,7 @@ def test_hf_parity_last_hidden_and_mean_pool(hf_models, tmp_path, name, fmt):
 def test_converted_tokenizer_matches_transformers(hf_models, tmp_path, name):
   _, st_dir, _ = hf_models[name]
   convert_lib.convert("bert", st_dir, str(tmp_path / "c"), log=lambda *_: None)
-  ours = pretrained.load_tokenizer(str(tmp_path / "c"))
+  ours = datasets.load_tokenizer(str(tmp_path / "c"))
   theirs = hf_models["tokenizers"][name]
   for text in ["The Dog sits on the mat", "a red cats runs in the park", "big and small"]:
     assert ours.encode(text).ids == theirs(text)["input_ids"], text

@@ -16,6 +16,7 @@ from rerank.models import build
 from rerank.training import checkpoints
 from rerank.models import convert as convert_lib
 from rerank import encode
+from rerank.inference import engine
 from rerank.training import steps
 from rerank.data import datasets
 from rerank.models import encoder as encoder_lib
@@ -65,10 +66,16 @@ def converted(tmp_path_factory):
 def _reference_text(conv, texts, max_len=72):
   meta = pretrained.read_meta(conv)
   cfg = pretrained.encoder_config(meta)
-  ids, mask = datasets.tokenize(pretrained.load_tokenizer(conv), texts, max_len)
+  ids, mask = datasets.tokenize(datasets.load_tokenizer(conv), texts, max_len)
   hidden, m, _ = encoder_lib.Encoder(cfg).apply({"params": pretrained.load_encoder_params(conv)}, ids, mask)
   m = np.asarray(m, np.float32)[..., None]
   return (np.asarray(hidden) * m).sum(1) / m.sum(1), ids
+
+
+def embed_texts(path, texts, batch_size=64):
+  """Raw (unnormalised) BE text embeddings through the engine, as `rerank.encode` computes them."""
+  m = engine.restore(path)
+  return m.engine(batch_size, normalize=False).embed_texts(*m.text_inputs(texts))
 
 
 def test_encode_cli_texts_match_the_masked_mean(converted, tmp_path):
@@ -94,11 +101,12 @@ def test_images_use_the_mask_and_batching_does_not_matter(converted, tmp_path):
   num = np.array([4, 1, 2, 3, 4])
   path = str(tmp_path / "img.npz")
   np.savez(path, features=feats, num_regions=num)
-  emb = encode.load(converted, batch_size=2)
-  got = emb.images(*encode.read_images(path))
+  m = engine.restore(converted)
+  got = m.engine(2, normalize=False).embed_images(*m.image_inputs(*encode.read_images(path)))
   # Garbage in the padded regions, another batch size: the same embeddings.
   padded = np.where((np.arange(4)[None] < num[:, None])[..., None], feats, 9.0)
-  again = encode.load(converted, batch_size=8).images(padded, np.arange(4)[None] < num[:, None])
+  again = m.engine(8, normalize=False).embed_images(
+      *m.image_inputs(padded, np.arange(4)[None] < num[:, None]))
   np.testing.assert_allclose(got, again, atol=1e-5)
   # Reference: [CLS] then the valid regions, masked mean over all of them.
   cfg = pretrained.encoder_config(pretrained.read_meta(converted))
@@ -108,7 +116,7 @@ def test_images_use_the_mask_and_batching_does_not_matter(converted, tmp_path):
                                                   feats[i:i + 1, :num[i]], np.ones((1, num[i]), bool))
     np.testing.assert_allclose(got[i], np.asarray(hidden)[0].mean(0), atol=1e-5)
   with pytest.raises(ValueError, match=r"expected \[N, R, 2054\]"):
-    emb.images(feats[..., :100])
+    m.image_inputs(feats[..., :100])
 
 
 def test_encode_reads_a_trained_workdir(tmp_path):
@@ -126,7 +134,7 @@ def test_encode_reads_a_trained_workdir(tmp_path):
   ckpts.wait()
   ckpts.close()
   texts = ["a red cube", "a small blue sphere"]
-  got = encode.load(workdir).texts(texts)
+  got = embed_texts(workdir, texts)
   ids, mask = datasets.tokenize(tok, texts, config.max_text_len)
   want = model.apply({"params": state["params"]["be"]}, ids, mask, method=model.embed_text)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
@@ -173,7 +181,7 @@ def test_train_cli_with_init_from(converted, tmp_path):
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["rows"]
   # The trained workdir encodes too (its tokenizer comes from the converted checkpoint).
-  emb = encode.load(workdir).texts(["a red cube"])
+  emb = embed_texts(workdir, ["a red cube"])
   assert emb.shape == (1, H) and np.isfinite(emb).all()
   bad = subprocess.run([sys.executable, "-m", "rerank.train", "--config=configs/demo.py:runlocal",
                         f"--workdir={tmp_path / 'wd2'}", f"--config.init_from={tmp_path}"],

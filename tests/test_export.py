@@ -13,8 +13,8 @@ import pytest
 from rerank.models import build
 
 from rerank.training import checkpoints
-from rerank import encode
 from rerank import export
+from rerank.inference import engine
 from rerank.training import steps
 from rerank.data import datasets
 from rerank.models import pretrained
@@ -58,7 +58,7 @@ def test_export_writes_the_encoder_that_init_from_and_encode_read(tmp_path):
   assert meta["family"] == "rerank" and meta["checkpoint"] == "latest (step 3)"
   assert pretrained.is_converted(dst) and pretrained.read_meta(dst) == json.loads(json.dumps(meta))
   _assert_same_tree(pretrained.load_encoder_params(dst), state["params"]["encoder"])
-  assert pretrained.load_tokenizer(dst).get_vocab() == tok.get_vocab()
+  assert datasets.load_tokenizer(dst).get_vocab() == tok.get_vocab()
   # The default picks the best checkpoint, whose parameters differ from the newest.
   export.export(str(tmp_path / "wd"), str(tmp_path / "best"), log=lambda *_: None)
   _assert_same_tree(pretrained.load_encoder_params(str(tmp_path / "best")), best["params"]["encoder"])
@@ -70,7 +70,9 @@ def test_export_writes_the_encoder_that_init_from_and_encode_read(tmp_path):
   texts = ["a red cube", "a small blue sphere left of a green torus"]
   ids, mask = datasets.tokenize(tok, texts, config.max_text_len)
   want = model.apply({"params": state["params"]}, ids, mask, method=model.embed_text)
-  np.testing.assert_allclose(encode.load(dst).texts(texts), np.asarray(want), atol=1e-5)
+  m = engine.restore(dst)
+  got = m.engine(normalize=False).embed_texts(*m.text_inputs(texts))
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
   assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
 

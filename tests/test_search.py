@@ -12,9 +12,9 @@ import pytest
 from rerank.models import build
 
 from rerank.training import checkpoints
-from rerank.evaluation import evaluator
 from rerank.indexing import indexes
 from rerank.indexing import ranking
+from rerank.inference import engine
 from rerank.inference import reranker
 from rerank.inference import retriever
 from rerank.training import steps
@@ -59,7 +59,7 @@ def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
   data, _ = datasets.load_split(config, "test", tok, 32)
   k = 6
   rr = reranker.Reranker(model, k=k, query_block=4)
-  scorer = evaluator.Scorer(model, config.mode, 32, params)
+  scorer = engine.DataScorer(engine.Engine(model, config.mode, 32, params))
 
   def pairs(rows, cand):
     b = len(rows)
@@ -107,6 +107,7 @@ def test_retriever_search_encode_predict(built):
     rows = [h["row"] for h in hits]
     np.testing.assert_allclose(r.predict([query] * len(rows), rows), ce, atol=1e-4)
   assert len(r.search("a cube", k=500)[0]) == 32  # k beyond the corpus is clamped
+  assert len(r.search("a cube", rerank=False)[0]) == r.m.config.eval.k  # k's one home
   with pytest.raises(ValueError, match="non-empty"):
     r.search(["  "])
 

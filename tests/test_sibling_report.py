@@ -1,10 +1,10 @@
-"""sibling_report: edit kinds between family members, sibling pairs, per-edit accuracies."""
+"""Sibling report: edit kinds between family members, sibling pairs, per-edit accuracies."""
 
 import types
 
 import numpy as np
 
-from rerank import sibling_report as sr
+from rerank.evaluation import siblings as sr
 
 # One family of 4: base, a colour swap between its two objects, a place swap, a changed size.
 _ATTRS = np.array([[[0, 1, 0, 0], [2, 3, 1, 1]],    # base: (cube, blue ...), (cylinder, yellow ...)

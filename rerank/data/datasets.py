@@ -6,6 +6,8 @@ flickr30k_butd, multi30k, cc_dev, or a prepared synthetic_scenes. Without it,
 synthetic_scenes is generated in memory (no prepare step, as in the demo).
 """
 
+import os
+
 import numpy as np
 import tokenizers
 
@@ -47,11 +49,16 @@ LOADERS = {"synthetic_scenes": _synthetic_scenes}
 TOKENIZERS = {"synthetic_scenes": synthetic_scenes.build_tokenizer}
 
 
+def load_tokenizer(checkpoint: str) -> tokenizers.Tokenizer:
+  """The tokenizer saved with a converted checkpoint: DIR/tokenizer/tokenizer.json, as
+  `rerank.models.pretrained.save_converted` writes it (docs/DESIGN.md, section 3)."""
+  return tokenizers.Tokenizer.from_file(os.path.join(checkpoint, "tokenizer", "tokenizer.json"))
+
+
 def get_tokenizer(config) -> tokenizers.Tokenizer:
   """The dataset's tokenizer, or the converted checkpoint's when `config.init_from` is set."""
   if config.get("init_from"):
-    from rerank.models import pretrained  # pylint: disable=import-outside-toplevel
-    return pretrained.load_tokenizer(config.init_from)
+    return load_tokenizer(config.init_from)
   if config.dataset.name in TOKENIZERS:
     return TOKENIZERS[config.dataset.name]()
   return prepared.bert_tokenizer(config.dataset.get("tokenizer", ""))

@@ -7,6 +7,7 @@
   distractors; the queries and the relevance come from the main dataset only (`enlarge`).
 Spec strings for `load` (e.g. `config.eval.split`): `test1k` (a split), `test@5x1k` (fold
 mean), `test+cc_dev:dev+coco_oscar:test` (main split + distractor dataset:split ...).
+`rerank.evaluation.evaluator.evaluate_config` evaluates a spec and reports its protocol.
 """
 
 import dataclasses
@@ -126,35 +127,3 @@ def load(config, spec: str, tokenizer, load_split, num_images=None) -> tuple[lis
       other_cfg.dataset.language = ""
     others.append(load_split(other_cfg, dsplit or "test", tokenizer, None)[0])
   return [dataclasses.replace(enlarge(main, *others), name=spec)], False
-
-
-def results(config, spec: str, tokenizer, load_split, evaluate_fn, scorer, log=print,
-            num_images=None) -> dict:
-  """Evaluates `spec` and returns the results.json dict, its "protocol" saying how.
-
-  `evaluate_fn` is `rerank.evaluate.evaluate`.
-  """
-  sets, average = load(config, spec, tokenizer, load_split, num_images)
-  per_set = []
-  for s in sets:
-    log(f"evaluating on {s.name}: {s.data.num_images} images, {s.data.num_texts} texts"
-        + (f" ({len(s.query_images)} image / {len(s.query_texts)} text queries)"
-           if s.query_texts is not None else ""))
-    per_set.append(evaluate_fn(scorer, s.data, config.mode, config.eval, seed=config.seed, log=log,
-                               query_texts=s.query_texts, query_images=s.query_images))
-  first = sets[0]
-  if average:
-    protocol = f"mean over {len(sets)} folds of {first.data.num_images} images"
-    rows = mean_rows(per_set)
-  elif first.query_texts is not None:
-    protocol = (f"enlarged corpus: queries and relevance from {spec.split('+')[0]} only, "
-                f"distractors from {', '.join(spec.split('+')[1:])}")
-    rows = per_set[0]
-  else:
-    protocol = "single split"
-    rows = per_set[0]
-  out = {"dataset": config.dataset.name, "split": spec, "protocol": protocol,
-         "num_images": first.data.num_images, "num_texts": first.data.num_texts, "rows": rows}
-  if config.dataset.get("language"):  # Multi30k: which language's captions were the queries
-    out["language"] = config.dataset.language
-  return out

@@ -9,108 +9,25 @@ queries it was measured on. BE seconds per query = (encoding every text and imag
 searches) / all queries of both directions, since each side is the other's query set; a RR
 query adds its k CE pairs to its share of that.
 
-CLI: `python -m rerank.evaluate --config=configs/demo.py --workdir=DIR` evaluates the best
-(else the newest) checkpoint of DIR and writes DIR/results.json and DIR/results.md.
+`evaluate` takes a scorer (`engine.DataScorer`, or any object with its `texts`, `images` and
+`pairs`); `evaluate_config` runs it on `config.eval.split` (a split, a fold mean or an enlarged
+corpus, `rerank.data.eval_sets`); `evaluate_workdir` restores a training workdir first
+(`python -m rerank.evaluate`).
 """
 
 import json
 import os
-import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from rerank.indexing import indexes as index_lib
+from rerank.data import datasets
+from rerank.data import eval_sets
 from rerank.evaluation import metrics
+from rerank.indexing import indexes as index_lib
 from rerank.indexing import ranking
-from rerank.models import heads
+from rerank.inference import engine
 from rerank.models import modes
-
-_PROGRESS_MIN = 20_000  # pairs; smaller jobs print no progress bar
-
-
-def _batched(fn, n: int, batch_size: int, desc: str | None = None):
-  """Runs fn(start, stop) -> array over [0, n) in fixed-size chunks and concatenates."""
-  out = []
-  bar = tqdm.tqdm(total=n, desc=desc, unit="pair", disable=desc is None or n < _PROGRESS_MIN,
-                  file=sys.stdout, mininterval=2.0)
-  for start in range(0, n, batch_size):
-    stop = min(start + batch_size, n)
-    out.append(fn(start, stop))
-    bar.update(stop - start)
-  bar.close()
-  return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-
-def _trim(token_ids: np.ndarray, text_mask: np.ndarray, multiple: int = 8):
-  """Drops padding columns beyond the longest text (rounded up to `multiple`).
-
-  Padding changes no output, and eval batches are often much shorter than max_text_len; a few
-  length buckets bound the number of compiled shapes.
-  """
-  longest = int(text_mask.sum(axis=1).max()) if len(text_mask) else 1
-  width = min(-(-longest // multiple) * multiple, token_ids.shape[1])
-  return token_ids[:, :width], text_mask[:, :width]
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads axis 0 to `size` by repeating row 0, so every jitted call sees one shape."""
-  if len(x) == size:
-    return x
-  return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
-
-
-class Scorer:
-  """Jitted BE encoders and CE pair scorer for one model; `set_params` swaps the weights.
-
-  Parameters are jit arguments (not closure constants), so one Scorer compiles once and is
-  reused by every dev evaluation of a training run.
-  """
-
-  def __init__(self, model: heads.RetrievalModel, mode: str, batch_size: int, params=None):
-    self.model, self.mode, self.batch_size = model, mode, batch_size
-
-    def norm(x):
-      return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    self._text = jax.jit(lambda p, t, m: norm(model.apply({"params": p}, t, m, method=model.embed_text)))
-    self._image = jax.jit(lambda p, r, m: norm(model.apply({"params": p}, r, m, method=model.embed_image)))
-    self._pairs = jax.jit(lambda p, t, tm, r, rm: model.apply(
-        {"params": p}, t, tm, r, rm, method=model.score_pairs)[:, 1])
-    if params is not None:
-      self.set_params(params)
-
-  def set_params(self, params) -> "Scorer":
-    mode = modes.get(self.mode)
-    self.be_params = mode.be_params(params) if mode.has_be else None
-    self.ce_params = mode.ce_params(params) if mode.has_ce else None
-    return self
-
-  def _run(self, fn, params, *arrays):
-    n = len(arrays[0])
-    return np.asarray(fn(params, *[_pad(a, self.batch_size) for a in arrays]))[:n]
-
-  def texts(self, data, rows) -> np.ndarray:  # [len(rows), H] unit vectors
-    def chunk(a, b):
-      r = rows[a:b]
-      return self._run(self._text, self.be_params, *_trim(data.token_ids[r], data.text_mask[r]))
-    return _batched(chunk, len(rows), self.batch_size)
-
-  def images(self, data, rows) -> np.ndarray:  # [len(rows), H] unit vectors
-    def chunk(a, b):
-      return self._run(self._image, self.be_params, *data.region_features(rows[a:b]))
-    return _batched(chunk, len(rows), self.batch_size)
-
-  def pairs(self, data, text_rows, image_rows, desc=None) -> np.ndarray:  # [P] match logits
-    def chunk(a, b):
-      t = text_rows[a:b]
-      regions, region_mask = data.region_features(image_rows[a:b])
-      return self._run(self._pairs, self.ce_params, *_trim(data.token_ids[t], data.text_mask[t]),
-                       regions, region_mask)
-    return _batched(chunk, len(text_rows), self.batch_size, desc)
 
 
 def _relevance(data):
@@ -132,7 +49,7 @@ def _row(model_name, method, k, t2i_hits, i2t_hits, seconds, queries):
   return row
 
 
-def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_name: str | None = None,
+def evaluate(scorer, data, mode: str, eval_cfg, seed: int = 0, model_name: str | None = None,
              methods=("BE", "CE", "RR"), log=print, query_texts=None, query_images=None,
              index_cfg=None) -> list[dict]:
   """Rows of results for every method in `methods` that `mode` supports (module docstring).
@@ -199,6 +116,57 @@ def evaluate(scorer: Scorer, data, mode: str, eval_cfg, seed: int = 0, model_nam
                      metrics.first_hit_ranks(rr_i2t, rel.T[qi]), rr_seconds, rr_queries))
     log(f"RR: top-{k} of {len(qt)} text and {len(qi)} image queries reranked in {rr_seconds:.1f}s")
   return rows
+
+
+def evaluate_config(scorer, config, tokenizer, spec: str | None = None, log=print,
+                    num_images=None) -> dict:
+  """The results.json dict of `spec` (default config.eval.split), its "protocol" saying how.
+
+  `spec` may be a split (`test`), a fold mean (`test@5x1k`) or an enlarged corpus
+  (`test+cc_dev:dev`); see `rerank.data.eval_sets`. `num_images` shrinks the main split.
+  """
+  spec = spec or config.eval.split
+  sets, average = eval_sets.load(config, spec, tokenizer, datasets.load_split, num_images)
+  per_set = []
+  for s in sets:
+    log(f"evaluating on {s.name}: {s.data.num_images} images, {s.data.num_texts} texts"
+        + (f" ({len(s.query_images)} image / {len(s.query_texts)} text queries)"
+           if s.query_texts is not None else ""))
+    per_set.append(evaluate(scorer, s.data, config.mode, config.eval, seed=config.seed, log=log,
+                            query_texts=s.query_texts, query_images=s.query_images,
+                            index_cfg=config.get("index")))
+  first = sets[0]
+  if average:
+    protocol = f"mean over {len(sets)} folds of {first.data.num_images} images"
+    rows = eval_sets.mean_rows(per_set)
+  elif first.query_texts is not None:
+    protocol = (f"enlarged corpus: queries and relevance from {spec.split('+')[0]} only, "
+                f"distractors from {', '.join(spec.split('+')[1:])}")
+    rows = per_set[0]
+  else:
+    protocol = "single split"
+    rows = per_set[0]
+  out = {"dataset": config.dataset.name, "split": spec, "protocol": protocol,
+         "num_images": first.data.num_images, "num_texts": first.data.num_texts, "rows": rows}
+  if config.dataset.get("language"):  # Multi30k: which language's captions were the queries
+    out["language"] = config.dataset.language
+  return out
+
+
+def evaluate_workdir(config, workdir: str, latest: bool = False, log=print) -> dict:
+  """Restores a training workdir (best by dev when config.eval.use_best and not `latest`, else
+  the newest) and evaluates it on config.eval.split; results["checkpoint"] says which.
+
+  Raises FileNotFoundError (no checkpoint) or ValueError (a checkpoint unlike `config`).
+  """
+  restored = engine.restore_workdir(workdir, latest=latest or not config.eval.use_best,
+                                    config=config)
+  log(f"evaluating {restored.description} parameters")
+  scorer = engine.DataScorer(restored.engine(config.eval.batch_size))
+  results = evaluate_config(scorer, config, restored.tokenizer, log=log,
+                            num_images=config.dataset.num_test_images or None)
+  results["checkpoint"] = restored.description
+  return results
 
 
 def results_markdown(results: dict) -> str:

@@ -1,14 +1,17 @@
-"""Retrieve and rerank: reorder a bi-encoder's top-k by cross-encoder scores.
+"""Retrieve and rerank in one jitted call: CE scores of a bi-encoder's top-k, reordered.
 
 The final order inside the top-k is the CE score alone (the paper's cooperative setting);
 items outside the top-k keep their BE order behind the reranked ones.
-`rerank_topk` is the NumPy reorder used by evaluation; `make_rerank_fn` / `Reranker` score
-and reorder in one jitted call with static shapes (search CLI, `Retriever`, benchmark).
+`rerank.indexing.ranking.rerank_topk` is the NumPy reorder evaluation uses; `make_rerank_fn` /
+`Reranker` score and reorder with static shapes (search CLI, `Retriever`, benchmark), applying
+the model as the engine does (`engine.pair_logits`).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rerank.inference import engine
 
 
 # ------------------------------------------------------------------ jitted rerank, static shapes
@@ -36,8 +39,8 @@ def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5):
   def rerank_fn(params, token_ids, text_mask, regions, region_mask, cand_ids, be_scores, valid):
     q, k = cand_ids.shape
     flat = lambda x: x.reshape((q * k,) + x.shape[2:])  # noqa: E731
-    logits = model.apply({"params": params}, flat(token_ids), flat(text_mask), flat(regions),
-                         flat(region_mask), method=model.score_pairs).reshape(q, k, 2)
+    logits = engine.pair_logits(model, params, flat(token_ids), flat(text_mask), flat(regions),
+                                flat(region_mask)).reshape(q, k, 2)
     ce = logits[..., 1]  # [Q, k] match logit
     if fusion == "ce":
       score = ce

@@ -275,7 +275,7 @@ def save_converted(dst_tmp: str, meta: dict, encoder_params, tokenizer) -> None:
   """Writes a converted checkpoint into `dst_tmp` (the caller renames it into place).
 
   `tokenizer`: a transformers tokenizer (its save_pretrained files) or a `tokenizers.Tokenizer`
-  (tokenizer.json alone); either way load_tokenizer reads DIR/tokenizer/tokenizer.json.
+  (tokenizer.json alone); either way `rerank.data.datasets.load_tokenizer` reads DIR/tokenizer/tokenizer.json.
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   # Uncompressed: compression buffers a second copy of every tensor while writing (measured).
@@ -336,8 +336,3 @@ def load_encoder_params(path: str):
     tree = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
   return jax.tree_util.tree_map(np.asarray, tree["encoder"])
 
-
-def load_tokenizer(path: str):
-  """The `tokenizers.Tokenizer` saved with a converted checkpoint (what training/encoding use)."""
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  return tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer", "tokenizer.json"))

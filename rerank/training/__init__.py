@@ -1,5 +1,8 @@
-"""Training: losses, the jitted update step, sharding, checkpoints, multi-host start-up, logging.
+"""Training: losses, the jitted update step (`steps`), config validation (`validate`), the mesh
+and parameter layouts (`sharding`), orbax checkpoints, multi-host start-up (`distributed`),
+BE-mined hard negatives (`mining`) and metric logs.
 
-Owns everything `python -m rerank.train` needs below its loop. May import `rerank.models`,
-`rerank.data` and `rerank.indexing`; never inference, evaluation or an entry point.
+Owns everything under the loop of `rerank.train.train_and_evaluate`. May import
+`rerank.models`, `rerank.data` and `rerank.indexing`; never inference, evaluation or an entry
+point.
 """

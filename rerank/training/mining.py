@@ -4,8 +4,11 @@ The authors' option: neighbours by the current BE, re-mined periodically; the CE
 mined image as its negative with some probability. Training batches are a pure function of
 the step, so we mine only for the captions of the next window of steps: every training image
 is embedded, but only the window's captions, which keeps mining cheap on a CPU.
-With `config.hard_negatives.index` set, mining goes through an index (`rerank.index`: exact,
-ScaNN, JAX top-k) and negatives are drawn with a temperature over the mined scores.
+With `config.hard_negatives.index` set, mining goes through an index (`rerank.indexing`:
+exact, ScaNN, JAX top-k) and negatives are drawn with a temperature over the mined scores.
+
+Model-agnostic: `scorer` is any object with `texts(data, rows)` and `images(data, rows)`
+returning [len(rows), H] unit embeddings (the trainer passes `rerank.inference.engine.DataScorer`).
 """
 
 import numpy as np
