@@ -99,8 +99,9 @@ def get_config(arg=None):
   c.eval_every = 2000 if arg.pretrain else 400  # dev evaluation (BE mR), best checkpoint; 0 = off
 
   # Scale-out (README "Running at scale"). Mesh axes in order, -1 = the devices the others
-  # leave; rules map logical parameter/batch axes to mesh axes ("" = replicated). "dp" keeps
-  # every parameter whole on every device; "fsdp" and "tp" differ from it in the rules only.
+  # leave; rules map each logical parameter/batch axis to the mesh axes it may use, the first
+  # that applies wins ("" = replicated; "data,model" = data, else model). "dp" keeps every
+  # parameter whole on every device; "fsdp" and "tp" differ from it in the rules only.
   # Rematerialisation is `model.remat`; bf16 compute (float32 master weights) `model.dtype`.
   c.mesh = dict(data=-1, model=1)
   if arg.sharding not in sharding.RULES:

@@ -9,24 +9,25 @@ pairs, then a cross-encoder update on B positive + B negative pairs) on random i
 paper's shapes (batch 128, 72 text tokens, 50 regions). MFU = model matmul FLOPs per second /
 measured peak; the model FLOPs count the Transformer's matmuls analytically (3x the forward
 pass for forward + backward, attention included, elementwise work and rematerialisation not
-counted), the usual definition. Data parallel over every local device; bf16 compute with
+counted), the usual definition. Data parallel over every local device (set up by
+`sharding.create_train_state`, as the trainer); bf16 compute with
 float32 master weights on GPU/TPU, float32 on CPU. `--quick` shrinks the shapes so the run
 takes a minute on a laptop CPU (figures then only show the script works).
 
 Needs nothing but the package's own modules and jax/flax/optax; no data or checkpoints.
 """
 
-import argparse
 import json
 import os
-import sys
 import time
-import types
 
+from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from rerank import cli
 from rerank.training import sharding
 from rerank.training import steps
 from rerank.models import encoder as encoder_lib
@@ -38,6 +39,17 @@ SIZES = {"tiny": (64, 2, 2, 128), "mini": (128, 2, 4, 512), "small": (256, 4, 4,
          "base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)}
 VOCAB = 30522  # BERT-base uncased, as OSCAR
 FEATURES, BOX = 2048, 6
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_bool("quick", False, "small shapes and few steps (a CPU smoke run)")
+  flags.DEFINE_string("sizes", "tiny,base", "comma-separated encoder sizes")
+  flags.DEFINE_integer("batch", 0, "captions per step (0 = 128, quick: 8)")
+  flags.DEFINE_integer("iters", 0, "timed steps (0 = 20, quick: 2)")
+  flags.DEFINE_bool("remat", False, "rematerialise each layer in the backward pass")
+  flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
 def measure_peak(dtype, n: int, reps: int = 5, chain: int = 10) -> float:
@@ -80,13 +92,14 @@ def _config(size: str, batch: int, text_len: int, regions: int, dtype: str, rema
   model_cfg = encoder_lib.EncoderConfig(
       vocab_size=VOCAB, hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_dim=mlp,
       feature_dim=FEATURES, box_dim=BOX, dtype=dtype, remat=remat)
-  # The fields of the demo config that steps.py reads, with the paper's optimiser settings.
-  config = types.SimpleNamespace(
+  # The fields of the demo config that steps.py and sharding.py read, with the paper's optimiser
+  # settings; data parallel over the local devices.
+  config = ml_collections.ConfigDict(dict(
       mode="joint_alternate", seed=0, batch_size=batch, max_text_len=text_len,
-      max_regions=regions, lr=5e-5, total_steps=30_000, warmup_steps=0, weight_decay=0.05,
-      adam_eps=1e-6, clip_norm=1.0, grad_accum=1,
-      loss=types.SimpleNamespace(be="vsepp", margin=0.1, temperature=0.05, ce_weight=1.0),
-      model=types.SimpleNamespace(feature_dim=FEATURES, box_dim=BOX))
+      max_regions=regions, mesh={"data": -1}, rules=sharding.RULES["dp"], lr=5e-5,
+      total_steps=30_000, warmup_steps=0, weight_decay=0.05, adam_eps=1e-6, clip_norm=1.0,
+      grad_accum=1, loss=dict(be="vsepp", margin=0.1, temperature=0.05, ce_weight=1.0),
+      model=dict(feature_dim=FEATURES, box_dim=BOX)))
   return config, model_cfg
 
 
@@ -103,22 +116,16 @@ def _random_batch(batch: int, text_len: int, regions: int, seed: int = 0) -> dic
 
 
 def bench_size(size: str, batch: int, text_len: int, regions: int, dtype: str, warmup: int,
-               iters: int, remat: bool = False) -> dict:
+               iters: int, remat: bool = False, log=None) -> dict:
   """Times `iters` training steps of `size` after `warmup` (compile included there)."""
   config, model_cfg = _config(size, batch, text_len, regions, dtype, remat)
   model = heads.RetrievalModel(model_cfg, cls_token_id=1)
   tx = steps.optimizer(config)
-  mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
-  rules = sharding.RULES["dp"]
-  make_state = lambda: steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))  # noqa: E731
-  state_sh = sharding.state_shardings(jax.eval_shape(make_state),
-                                      sharding.logical_param_axes(model, config), rules, mesh)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  state = jax.jit(make_state, out_shardings=state_sh)()
+  state, layout = sharding.create_train_state(config, model, tx, jax.local_devices(), log=log)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   step = jax.jit(steps.make_train_step(model, config, tx), donate_argnums=(0,),
-                 in_shardings=(state_sh, batch_sh))
-  data = sharding.shard_batch(_random_batch(batch, text_len, regions), batch_sh)
+                 in_shardings=(layout.state, layout.batch))
+  data = sharding.shard_batch(_random_batch(batch, text_len, regions), layout.batch)
   t0 = time.perf_counter()
   for _ in range(warmup):
     state, metrics = step(state, data)
@@ -139,62 +146,82 @@ def bench_size(size: str, batch: int, text_len: int, regions: int, dtype: str, w
           "model_tflops": flops / step_s / 1e12, "warmup_s": compile_s, "iters": iters}
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="small shapes and few steps (a CPU smoke run)")
-  p.add_argument("--sizes", default="tiny,base", help="comma-separated encoder sizes")
-  p.add_argument("--batch", type=int, default=0, help="captions per step (0 = 128, quick: 8)")
-  p.add_argument("--iters", type=int, default=0, help="timed steps (0 = 20, quick: 2)")
-  p.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
-  p.add_argument("--out", default="", help="write the results as JSON here")
-  args = p.parse_args(argv)
-  sizes = [s for s in args.sizes.split(",") if s]
+def run_benchmark(sizes, quick: bool = False, batch: int = 0, iters: int = 0, remat: bool = False,
+                  log=None) -> dict:
+  """The matmul peak, then each size's training step: the dict bench.json holds.
+
+  Args:
+    sizes: encoder sizes, keys of SIZES.
+    quick: small shapes and few steps (a CPU smoke run).
+    batch: captions per step (0 = 128, quick: 8); a multiple of the local devices.
+    iters: timed steps (0 = 20, quick: 2).
+    remat: rematerialise each layer in the backward pass.
+    log: gets the progress lines (default: print them).
+  Raises:
+    ValueError: an unknown size or a batch the devices do not divide (named as its flag).
+  """
   bad = [s for s in sizes if s not in SIZES]
   if bad:
-    print(f"error: --sizes: unknown {bad}; expected some of {sorted(SIZES)}", file=sys.stderr)
-    return 2
-
+    raise ValueError(f"sizes: unknown {bad}; expected some of {sorted(SIZES)}")
+  log = log or (lambda line: print(line, flush=True))
   dev = jax.local_devices()[0]
   accel = dev.platform in ("gpu", "tpu", "cuda", "rocm")
   dtype = "bfloat16" if accel else "float32"
-  batch = args.batch or (8 if args.quick else 128)
-  text_len, regions = (16, 8) if args.quick else (72, 50)
-  iters = args.iters or (2 if args.quick else 20)
-  n = 512 if args.quick else (8192 if accel else 2048)
+  batch = batch or (8 if quick else 128)
+  text_len, regions = (16, 8) if quick else (72, 50)
+  iters = iters or (2 if quick else 20)
+  n = 512 if quick else (8192 if accel else 2048)
   devices = jax.local_device_count()
   if batch % devices:
-    print(f"error: --batch {batch} must be a multiple of the {devices} local devices", file=sys.stderr)
-    return 2
+    raise ValueError(f"batch {batch} must be a multiple of the {devices} local devices")
 
   peak = measure_peak(jnp.dtype(dtype), n) * devices
-  print(f"device: {dev.device_kind} ({dev.platform}) x {devices}; compute {dtype}; "
-        f"measured matmul peak {peak:.4g} TFLOP/s ({n}^3 {dtype} products, all devices)", flush=True)
+  log(f"device: {dev.device_kind} ({dev.platform}) x {devices}; compute {dtype}; "
+      f"measured matmul peak {peak:.4g} TFLOP/s ({n}^3 {dtype} products, all devices)")
   rows = []
   for size in sizes:
-    row = bench_size(size, batch, text_len, regions, dtype, warmup=2, iters=iters, remat=args.remat)
+    row = bench_size(size, batch, text_len, regions, dtype, warmup=2, iters=iters, remat=remat,
+                     log=log)
     row["mfu"] = row["model_tflops"] / peak
     rows.append(row)
-    print(f"  {size}: {row['step_ms']:.1f} ms/step, {row['pairs_per_s']:.0f} pairs/s, "
-          f"MFU {100 * row['mfu']:.1f}%", flush=True)
+    log(f"  {size}: {row['step_ms']:.1f} ms/step, {row['pairs_per_s']:.0f} pairs/s, "
+        f"MFU {100 * row['mfu']:.1f}%")
+  return {"device": dev.device_kind, "platform": dev.platform, "devices": devices,
+          "dtype": dtype, "peak_tflops": peak, "peak_matmul_n": n, "quick": quick,
+          "remat": remat, "jax": jax.__version__, "rows": rows}
 
-  print(f"\njoint_alternate training step, batch {batch} captions ({3 * batch} pairs: {batch} BE + "
-        f"{2 * batch} CE), text {text_len}, regions {regions}, {dtype}{', remat' if args.remat else ''}")
-  print("| size | params (M) | ms/step | pairs/s | model GFLOP/step | model TFLOP/s | MFU |")
-  print("|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['size']} | {r['params_m']:.1f} | {r['step_ms']:.1f} | {r['pairs_per_s']:.0f} | "
-          f"{1e3 * r['model_tflop_per_step']:.1f} | {r['model_tflops']:.4g} | {100 * r['mfu']:.1f}% |")
-  if args.out:
-    result = {"device": dev.device_kind, "platform": dev.platform, "devices": devices,
-              "dtype": dtype, "peak_tflops": peak, "peak_matmul_n": n, "quick": args.quick,
-              "remat": args.remat, "jax": jax.__version__, "rows": rows}
-    tmp = args.out + ".tmp"
+
+def table(result: dict) -> str:
+  """The results as a markdown table under a line naming the step's shapes."""
+  r0 = result["rows"][0]
+  batch, text_len, regions = r0["batch"], r0["text_len"], r0["regions"]
+  lines = [f"joint_alternate training step, batch {batch} captions ({3 * batch} pairs: "
+           f"{batch} BE + {2 * batch} CE), text {text_len}, regions {regions}, "
+           f"{result['dtype']}{', remat' if result['remat'] else ''}",
+           "| size | params (M) | ms/step | pairs/s | model GFLOP/step | model TFLOP/s | MFU |",
+           "|---|---|---|---|---|---|---|"]
+  for r in result["rows"]:
+    lines.append(f"| {r['size']} | {r['params_m']:.1f} | {r['step_ms']:.1f} | "
+                 f"{r['pairs_per_s']:.0f} | {1e3 * r['model_tflop_per_step']:.1f} | "
+                 f"{r['model_tflops']:.4g} | {100 * r['mfu']:.1f}% |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  sizes = [s for s in FLAGS.sizes.split(",") if s]
+  try:
+    result = run_benchmark(sizes, FLAGS.quick, FLAGS.batch, FLAGS.iters, FLAGS.remat)
+  except ValueError as e:
+    cli.fail(f"--{e}")
+  print("\n" + table(result))
+  if FLAGS.out:
+    tmp = FLAGS.out + ".tmp"
     with open(tmp, "w") as f:
       json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
-  return 0
+    os.replace(tmp, FLAGS.out)
+    print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main, define_flags)

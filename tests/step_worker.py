@@ -4,14 +4,17 @@
 
 Runs as a separate process because the number of (simulated) devices is fixed when jax
 starts: the tests launch it with 8 CPU devices, or as 2 processes x 4 devices through
-launch/local_multiprocess.sh. For each layout it builds the mesh and shardings exactly as the
-trainer does, runs one step of the runlocal demo config from the same seed and batch, and
-process 0 writes DIR/<layout>.npz (loss and every updated parameter) and DIR/<layout>.json
-(the sharding the rules gave a few parameters, so the test can check they were applied).
+launch/local_multiprocess.sh. For each layout it sets up the train state through
+`sharding.create_train_state`, as the trainer does, runs one step of the runlocal demo config
+from the same seed and batch, and process 0 writes DIR/<layout>.npz (loss and every updated
+parameter) and DIR/<layout>.json (the sharding the rules gave a few parameters and their Adam
+moments, so the test can check they were applied; the layout's bytes per device and those
+device 0 really holds; the setup's log lines).
 """
 
 import argparse
-import functools
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -47,7 +50,7 @@ LAYOUTS = {
     "tp": (dict(data=-1, model=2), sharding.RULES["tp"]),
     "fsdp_tp": (dict(data=-1, model=2), dict(sharding.RULES["tp"], embed="data")),
 }
-# Parameters whose layout the test inspects (joint parameter tree, and Adam's first moment).
+# Parameters whose layout the test inspects (joint parameter tree, and Adam's moments).
 WATCH = {
     "intermediate": ("params", "encoder", "layer_0", "intermediate", "kernel"),
     "query": ("params", "encoder", "layer_0", "attention", "query", "kernel"),
@@ -62,33 +65,36 @@ def _get(tree, keys):
 
 
 def run_layout(name: str, config, model, tx, batch, out_dir: str) -> None:
+  """One step under layout `name`, set up by `sharding.create_train_state` as the trainer does."""
   mesh_cfg, rules = LAYOUTS[name]
+  config = copy.deepcopy(config)
+  config.mesh, config.rules = mesh_cfg, rules
   devices = jax.devices()[:1] if name == "ref" else jax.devices()
-  mesh = sharding.make_mesh(mesh_cfg, devices)
-  rules = dict(rules)
-  init_state = functools.partial(steps.init_train_state, model, config, tx)
-  make_state = lambda: init_state(jax.random.PRNGKey(config.seed))  # noqa: E731
-  state_sh = sharding.state_shardings(
-      jax.eval_shape(make_state), sharding.logical_param_axes(model, config), rules, mesh)
-  batch_sh = sharding.batch_sharding(mesh, rules)
-  state = jax.jit(make_state, out_shardings=state_sh)()
-  step = jax.jit(steps.make_train_step(model, config, tx), in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding.NamedSharding(mesh, sharding.P())))
-  state, metrics = step(state, sharding.shard_batch(batch, batch_sh))
-  layout = {}
+  lines = []
+  state, layout = sharding.create_train_state(config, model, tx, devices=devices, log=lines.append)
+  step = jax.jit(steps.make_train_step(model, config, tx),
+                 in_shardings=(layout.state, layout.batch),
+                 out_shardings=(layout.state, layout.replicated))
+  state, metrics = step(state, sharding.shard_batch(batch, layout.batch))
+  watched = {}
   for key, path in WATCH.items():
     leaf = _get(state, path)
-    mu = _get(state["opt_state"]["main"][1][0].mu, path[1:])  # adamw's ScaleByAdamState
-    layout[key] = {"spec": list(leaf.sharding.spec), "shard": list(leaf.addressable_data(0).shape),
-                   "mu_spec": [a for a in mu.sharding.spec]}
-  params = sharding.local_replica(state["params"], mesh)
+    adam = state["opt_state"]["main"][1][0]  # adamw's ScaleByAdamState
+    mu, nu = _get(adam.mu, path[1:]), _get(adam.nu, path[1:])
+    watched[key] = {"spec": list(leaf.sharding.spec), "shard": list(leaf.addressable_data(0).shape),
+                    "mu_spec": list(mu.sharding.spec), "nu_spec": list(nu.sharding.spec)}
+  # What one device really holds, to check the layout's computed figures against.
+  held = {k: sum(x.addressable_data(0).nbytes for x in jax.tree_util.tree_leaves(state[k]))
+          for k in ("params", "opt_state")}
+  params = sharding.local_replica(state["params"], layout.mesh)
   loss = float(np.asarray(metrics["loss"]))
   if distributed.is_main():
     flat = {"/".join(str(k.key) for k in p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     np.savez(os.path.join(out_dir, f"{name}.npz"), loss=loss, **flat)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-      json.dump({"layout": layout, "mesh": dict(mesh.shape), "loss": loss,
+      json.dump({"layout": watched, "mesh": dict(layout.mesh.shape), "loss": loss,
+                 "size": dataclasses.asdict(layout.size), "held": held, "log": lines,
                  "devices": jax.device_count(), "processes": jax.process_count()}, f)
 
 

@@ -1,7 +1,15 @@
 """The training benchmark's size table and its FLOP count (the run itself is a GPU-side command)."""
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 from configs import common as config_common
 from rerank import bench_train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_sizes_match_the_configs():
@@ -16,6 +24,10 @@ def test_step_flops_by_hand():
   assert bench_train.step_flops(1, 3, 1, 2, 1, 4) == 3 * (f_text + f_img + f_ce)
 
 
-def test_unknown_size_is_an_error(capsys):
-  assert bench_train.main(["--sizes=huge"]) == 2
-  assert "huge" in capsys.readouterr().err
+def test_unknown_size_is_an_error():
+  with pytest.raises(ValueError, match="huge"):
+    bench_train.run_benchmark(["huge"])
+  r = subprocess.run([sys.executable, "-m", "rerank.bench_train", "--sizes=huge"], cwd=REPO,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+  assert r.returncode == 2 and "huge" in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith("error: --sizes: unknown ['huge']")

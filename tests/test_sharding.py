@@ -53,6 +53,15 @@ def test_one_step_on_8_devices_equals_1_device(eight_devices, layout, mesh, spec
     got = info["layout"][name]
     assert got["spec"] == spec, (name, got)
     assert got["mu_spec"] == spec, (name, got)  # Adam's moments follow their parameter
+    assert got["nu_spec"] == spec, (name, got)
+  # The layout line's figures are what a device really holds; fsdp splits most of it 8 ways.
+  size = info["size"]
+  assert size["params_per_device"] == info["held"]["params"]
+  assert size["opt_per_device"] == info["held"]["opt_state"]
+  share = size["params_per_device"] / size["params_total"]
+  assert {"dp": share == 1, "fsdp": 1 / 8 <= share < 0.2, "tp": 0.5 < share < 1}[layout], share
+  assert len(info["log"]) == 1, info["log"]  # the presets fit the tiny model: nothing falls back
+  assert info["log"][0].startswith("layout: params ") and info["log"][0].endswith(f"rules {layout}")
   assert_same_step(eight_devices, layout)
 
 
@@ -69,13 +78,18 @@ def test_mesh_from_config():
 
 def test_rules_fall_back_to_replication():
   mesh = sharding.make_mesh({"data": 4, "model": 2}, [object()] * 8)
-  rules = dict(sharding.RULES["tp"], embed="data", mlp="data")
+  rules = sharding.ordered_rules(dict(sharding.RULES["tp"], embed="data", mlp="data"))
   # embed takes "data" first, so mlp (also "data") stays whole; an odd vocab is not split.
-  assert sharding.mesh_spec(("embed", "mlp"), (64, 128), rules, mesh) == sharding.P("data", None)
-  assert sharding.mesh_spec(("vocab", "embed"), (47, 64), dict(rules, vocab="model"),
-                            mesh) == sharding.P(None, "data")
-  spec = sharding.mesh_spec((None, "heads", "kv"), (8, 2, 32), rules, mesh)
-  assert spec == sharding.P(None, "model", None)
+  spec, why = sharding.mesh_axes(("embed", "mlp"), (64, 128), rules, mesh)
+  assert spec == sharding.P("data", None)
+  assert why == ["dim 1 ('mlp', size 128) stays replicated: mesh axis 'data' already shards "
+                 "dim 0 ('embed')"]
+  spec, why = sharding.mesh_axes(("vocab", "embed"), (47, 64), rules + (("vocab", "model"),), mesh)
+  assert spec == sharding.P(None, "data")
+  assert why == ["dim 0 ('vocab', size 47) stays replicated: 47 is not a multiple of mesh axis "
+                 "'model' (2)"]
+  spec, why = sharding.mesh_axes((None, "heads", "kv"), (8, 2, 32), rules, mesh)
+  assert spec == sharding.P(None, "model", None) and why == []
 
 
 def test_rules_are_checked():

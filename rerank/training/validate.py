@@ -268,13 +268,10 @@ def _mesh(c: _Checker, mode: modes.Mode | None, num_devices: int | None) -> None
 
 
 def _rule_items(rules) -> list[tuple[str, tuple[str, ...]]]:
-  """[(logical axis, mesh axes)] from a mapping or an ordered list of (logical, axes) pairs.
+  """[(logical axis, mesh axes)] in the order `sharding.ordered_rules` gives them.
 
-  A rule's axes are one mesh axis name, "" (replicated) or a sequence of names.
+  A table's value is one mesh axis name, "" (replicated) or several tried in turn ("data,model");
+  a list of (logical, axes) pairs keeps its order, a tuple of axes sharding jointly.
   """
-  items = rules.items() if hasattr(rules, "items") else [tuple(pair) for pair in rules]
-  out = []
-  for logical, axes in items:
-    axes = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
-    out.append((str(logical), tuple(a for a in axes if a)))
-  return out
+  return [(str(logical), sharding.axis_names(axes))
+          for logical, axes in sharding.ordered_rules(rules)]
