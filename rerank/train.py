@@ -90,7 +90,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
   # config.mesh names the axes; config.rules says which mesh axis each logical axis of the
   # parameters and batches lives on: data parallel, FSDP and tensor parallel by rules only.
   # A jitted init creates the parameters (and optimizer state) directly with their sharding.
-  state, layout = _or_config_error(sharding.create_train_state, config, model, tx)
+  state, layout = _or_config_error(sharding.create_train_state, config, model, tx, log=log)
   mesh = layout.mesh
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   log(f"model: mode={mode.name} size={model.cfg.hidden_size}x{model.cfg.num_layers} "
@@ -257,11 +257,11 @@ def _make_workdir(path: str) -> None:
     raise validate.ConfigError(f"cannot create or write workdir {path!r}: {e.strerror or e}") from e
 
 
-def _or_config_error(fn, *args):
-  """fn(*args), its ValueError (a config that does not fit the checkpoint, mesh or model) as a
-  ConfigError."""
+def _or_config_error(fn, *args, **kwargs):
+  """fn(*args, **kwargs), its ValueError (a config that does not fit the checkpoint, mesh or
+  model) as a ConfigError."""
   try:
-    return fn(*args)
+    return fn(*args, **kwargs)
   except ValueError as e:
     raise validate.ConfigError(str(e)) from e
 
