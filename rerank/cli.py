@@ -18,7 +18,6 @@ so every module of the package can be imported in one process without a flag cla
 library function under `main` can be called from Python with plain arguments.
 """
 
-import os
 import sys
 
 from absl import app
@@ -34,7 +33,7 @@ def fail(message: str, code: int = 2):
 
 
 def require(flag_values, *names):
-  """fail() on the first of `names` (keys of a dict of absl flag holders) left empty."""
+  """fail() on the first of `names` (flags of `flag_values`, e.g. flags.FLAGS) left empty."""
   for name in names:
     if not flag_values[name].value:
       fail(f"--{name} is required")
@@ -52,10 +51,10 @@ def run(main, define_flags) -> None:
   app.run(main, flags_parser=parse_flags)
 
 
-def load_config(config_flag=None):
-  """The parsed --config (or `config_flag`'s); a missing file or a bad override is one error line."""
+def load_config():
+  """The parsed --config; a missing file or a bad override is one error line."""
   try:
-    config = config_flag.value if config_flag is not None else flags.FLAGS.config
+    config = flags.FLAGS.config
     config.keys()  # a config file that failed to load raises only on first use
   except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     detail = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -63,20 +62,6 @@ def load_config(config_flag=None):
   if config is None:
     fail("--config is required, e.g. --config=configs/demo.py")
   return config
-
-
-def make_workdir(path: str | None) -> str:
-  if not path:
-    fail("--workdir is required, e.g. --workdir=workdirs/demo")
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test.{os.getpid()}")  # several processes may probe at once
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    fail(f"cannot create or write workdir {path!r}: {e.strerror or e}")
-  return path
 
 
 def quiet_library_logs():
