@@ -13,7 +13,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/coco_be.py --workdir=workdirs/coco_be
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/coco_be.py --workdir=/shared/workdirs/coco_be
+      --config=configs/paper/coco_be.py --workdir=/mnt/runs/coco_be
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/coco_be.py:runlocal --workdir=/tmp/coco_be
 """

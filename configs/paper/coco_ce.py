@@ -13,7 +13,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/coco_ce.py --workdir=workdirs/coco_ce
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/coco_ce.py --workdir=/shared/workdirs/coco_ce
+      --config=configs/paper/coco_ce.py --workdir=/mnt/runs/coco_ce
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/coco_ce.py:runlocal --workdir=/tmp/coco_ce
 """

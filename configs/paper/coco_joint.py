@@ -13,7 +13,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/coco_joint.py --workdir=workdirs/coco_joint
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/coco_joint.py --workdir=/shared/workdirs/coco_joint
+      --config=configs/paper/coco_joint.py --workdir=/mnt/runs/coco_joint
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/coco_joint.py:runlocal --workdir=/tmp/coco_joint
 """

@@ -14,7 +14,7 @@ Single GPU:
       --workdir=workdirs/coco_joint_ance
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/coco_joint_ance.py --workdir=/shared/workdirs/coco_joint_ance
+      --config=configs/paper/coco_joint_ance.py --workdir=/mnt/runs/coco_joint_ance
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/coco_joint_ance.py:runlocal \
       --workdir=/tmp/coco_joint_ance

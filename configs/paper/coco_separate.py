@@ -13,7 +13,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/coco_separate.py --workdir=workdirs/coco_separate
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/coco_separate.py --workdir=/shared/workdirs/coco_separate
+      --config=configs/paper/coco_separate.py --workdir=/mnt/runs/coco_separate
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/coco_separate.py:runlocal \
       --workdir=/tmp/coco_separate

@@ -12,7 +12,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/flickr30k_be.py --workdir=workdirs/flickr30k_be
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/flickr30k_be.py --workdir=/shared/workdirs/flickr30k_be
+      --config=configs/paper/flickr30k_be.py --workdir=/mnt/runs/flickr30k_be
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/flickr30k_be.py:runlocal --workdir=/tmp/flickr30k_be
 """

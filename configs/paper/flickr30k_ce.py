@@ -12,7 +12,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/flickr30k_ce.py --workdir=workdirs/flickr30k_ce
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/flickr30k_ce.py --workdir=/shared/workdirs/flickr30k_ce
+      --config=configs/paper/flickr30k_ce.py --workdir=/mnt/runs/flickr30k_ce
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/flickr30k_ce.py:runlocal --workdir=/tmp/flickr30k_ce
 """

@@ -13,7 +13,7 @@ Single GPU:
       --workdir=workdirs/flickr30k_joint
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/flickr30k_joint.py --workdir=/shared/workdirs/flickr30k_joint
+      --config=configs/paper/flickr30k_joint.py --workdir=/mnt/runs/flickr30k_joint
 Smoke run (synthetic_scenes, tiny model, 2 steps):
   python -m rerank.train --config=configs/paper/flickr30k_joint.py:runlocal \
       --workdir=/tmp/flickr30k_joint

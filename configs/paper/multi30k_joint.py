@@ -13,7 +13,7 @@ Single GPU:
   python -m rerank.train --config=configs/paper/multi30k_joint.py --workdir=workdirs/multi30k_joint
 TPU VM slice (workdir on storage every host sees):
   TPU_NAME=... ZONE=... launch/tpu_pod.sh run python -m rerank.train \
-      --config=configs/paper/multi30k_joint.py --workdir=/shared/workdirs/multi30k_joint
+      --config=configs/paper/multi30k_joint.py --workdir=/mnt/runs/multi30k_joint
 Per language (after training):
   python -m rerank.evaluate --config=configs/paper/multi30k_joint.py:lang=de \
       --workdir=workdirs/multi30k_joint
