@@ -107,11 +107,11 @@ def test_spec_strings_pick_single_split_fold_mean_or_enlarged():
     return _data(e[:n].repeat(1, 0), e[:n], np.arange(n), np.arange(n))[0], None
 
   cfg = ml_collections.ConfigDict(dict(dataset=dict(name="coco_oscar", data_dir="x")))
-  sets, avg = eval_sets.load(cfg, "test1k", None, load_split)
+  sets, avg = eval_sets.from_spec(cfg, "test1k", None, load_split)
   assert not avg and [s.name for s in sets] == ["test1k"] and calls[-1] == ("coco_oscar", "test1k")
-  sets, avg = eval_sets.load(cfg, "test@2x2", None, load_split)
+  sets, avg = eval_sets.from_spec(cfg, "test@2x2", None, load_split)
   assert avg and len(sets) == 2 and sets[1].data.num_images == 2
-  sets, avg = eval_sets.load(cfg, "test+cc_dev:dev+flickr30k_butd:test", None, load_split)
+  sets, avg = eval_sets.from_spec(cfg, "test+cc_dev:dev+flickr30k_butd:test", None, load_split)
   assert calls[-2:] == [("cc_dev", "dev"), ("flickr30k_butd", "test")]
   assert sets[0].data.num_images == 12 and len(sets[0].query_images) == 4
   assert cfg.dataset.name == "coco_oscar"  # the caller's config is untouched

@@ -184,7 +184,7 @@ def test_cli_trains_evaluates_and_resumes_exactly(tmp_path, in_process):
   cfg = "--config=configs/demo.py:runlocal"
   r = _run("rerank.train", cfg, f"--workdir={full}")
   assert r.returncode == 0, r.stderr[-3000:]
-  # The results.json contract (DESIGN §4).
+  # The results.json contract (docs/DESIGN.md, section 3).
   with open(os.path.join(full, "results.json")) as f:
     res = json.load(f)
   assert res["dataset"] == "synthetic_scenes" and res["split"] == "test"

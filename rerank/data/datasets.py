@@ -71,7 +71,7 @@ def load_split(config, split: str, tokenizer, num_images=None):
     if name not in prepared.SOURCES:
       raise ValueError(f"config.dataset.name: expected one of {sorted(prepared.SOURCES)}; "
                        f"found {name!r}")
-    return prepared.load(config, split, tokenizer, tokenize, num_images)
+    return prepared.read_split(config, split, tokenizer, tokenize, num_images)
   if name not in LOADERS:
     raise ValueError(f"config.dataset.name: {name!r} is read from a prepared TFDS dataset: set "
                      f"config.dataset.data_dir (see python -m rerank.data.prepare)")

@@ -102,7 +102,7 @@ def enlarge(main: batches.RetrievalData, *distractors: batches.RetrievalData) ->
                  query_images=np.arange(main.num_images))
 
 
-def load(config, spec: str, tokenizer, load_split, num_images=None) -> tuple[list[EvalSet], bool]:
+def from_spec(config, spec: str, tokenizer, load_split, num_images=None) -> tuple[list[EvalSet], bool]:
   """Eval sets of a spec string (module docstring) -> (sets, whether to average them).
 
   `load_split(config, split, tokenizer, num_images)` is `datasets.load_split`; a distractor

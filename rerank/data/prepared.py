@@ -85,7 +85,7 @@ def numeric_ids(image_ids: list[str]) -> np.ndarray:
   return np.arange(len(image_ids), dtype=np.int64)
 
 
-def load(config, split: str, tokenizer, tokenize, num_images=None):
+def read_split(config, split: str, tokenizer, tokenize, num_images=None):
   """(RetrievalData, captions) of a prepared split; see `datasets.load_split`."""
   ds = config.dataset
   split = resolve_split(ds.name, split)

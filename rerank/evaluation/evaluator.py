@@ -126,7 +126,7 @@ def evaluate_config(scorer, config, tokenizer, spec: str | None = None, log=prin
   (`test+cc_dev:dev`); see `rerank.data.eval_sets`. `num_images` shrinks the main split.
   """
   spec = spec or config.eval.split
-  sets, average = eval_sets.load(config, spec, tokenizer, datasets.load_split, num_images)
+  sets, average = eval_sets.from_spec(config, spec, tokenizer, datasets.load_split, num_images)
   per_set = []
   for s in sets:
     log(f"evaluating on {s.name}: {s.data.num_images} images, {s.data.num_texts} texts"

@@ -35,7 +35,7 @@ class EncoderConfig:
   feature_dim: int = 2048
   box_dim: int = 6
   # "oscar": Linear(feature+box) [+ LayerNorm]; "m3p": LN(Linear(f) + Linear(loc5));
-  # "uniter": LN(Linear(f)) + LN(Linear(box7)). See DESIGN §2.
+  # "uniter": LN(Linear(f)) + LN(Linear(box7)). See docs/DESIGN.md, section 1.
   visual: str = "oscar"
   visual_layernorm: bool = False
   # "text_first" (OSCAR, UNITER) or "image_first" (M3P).
