@@ -70,7 +70,8 @@ def test_mesh_from_config():
   assert dict(sharding.make_mesh({"model": 2, "data": -1}, devs).shape) == {"data": 4, "model": 2}
   assert sharding.make_mesh({"model": 2, "data": -1}, devs).axis_names == ("data", "model")
   assert dict(sharding.make_mesh({"data": 8}, devs).shape) == {"data": 8}
-  for bad, msg in [({"data": 3}, "need 3 devices"), ({"data": -1, "model": 3}, "must divide"),
+  for bad, msg in [({"data": 3}, "multiply to the 8 devices"),
+                   ({"data": -1, "model": 3}, r"product \(3\) divides the 8 devices"),
                    ({"data": -1, "model": -1}, "at most one -1")]:
     with pytest.raises(ValueError, match=msg):
       sharding.make_mesh(bad, devs)

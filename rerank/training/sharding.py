@@ -36,6 +36,7 @@ boxes on the state `tx.init` builds from them.
 """
 
 import dataclasses
+import math
 import logging
 from typing import Any, Callable
 
@@ -60,29 +61,45 @@ MeshAxes = str | tuple[str, ...] | None  # one mesh axis, several jointly, or re
 Rules = tuple[tuple[str, MeshAxes], ...]  # ordered (logical axis, mesh axes) pairs, Flax's form
 
 
+def mesh_sizes(mesh_cfg, num_devices: int | None = None) -> dict[str, int]:
+  """Axis name -> size in mesh order (`data` outermost, `model` innermost), -1 resolved.
+
+  Without `num_devices` only the sizes themselves are checked (-1 stays). Raises ValueError,
+  one `config.mesh: expected ...; found ...` line (`rerank.training.validate` reports it).
+  """
+  rank = lambda name: (name != "data", name == "model", name)  # noqa: E731
+  sizes = {str(n): mesh_cfg[n] for n in sorted(mesh_cfg.keys(), key=rank)}
+  values = list(sizes.values())
+  if (any(isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1 for v in values)
+      or values.count(-1) > 1):
+    raise ValueError("config.mesh: expected positive sizes and at most one -1 (all the devices "
+                     f"the other axes leave); found {sizes}")
+  if num_devices is None:
+    return sizes
+  fixed = math.prod(v for v in values if v != -1)
+  if -1 in values:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh: expected fixed axes whose product ({fixed}) divides the "
+                       f"{num_devices} devices; found {sizes}")
+    return {k: num_devices // fixed if v == -1 else v for k, v in sizes.items()}
+  if fixed != num_devices:
+    raise ValueError(f"config.mesh: expected axes whose sizes multiply to the {num_devices} "
+                     f"devices; found {sizes}")
+  return sizes
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """A Mesh with the config's axes in order; one size may be -1 (the remaining devices).
 
   Args:
     mesh_cfg: mapping of axis name -> size (a ConfigDict or dict).
     devices: the devices to lay out (default: all devices of all processes).
+  Raises:
+    ValueError: sizes that do not fit the devices (`mesh_sizes`).
   """
   devices = list(jax.devices() if devices is None else devices)
-  rank = lambda name: (name != "data", name == "model", name)  # noqa: E731
-  names = sorted(mesh_cfg.keys(), key=rank)
-  sizes = [int(mesh_cfg[n]) for n in names]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh: expected positive sizes and at most one -1; "
-                     f"found {dict(zip(names, sizes))}")
-  fixed = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % fixed:
-      raise ValueError(f"config.mesh: the fixed axes ({fixed} devices) must divide the "
-                       f"{len(devices)} devices; found {dict(zip(names, sizes))}")
-    sizes[sizes.index(-1)] = len(devices) // fixed
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"config.mesh: axes {dict(zip(names, sizes))} need {int(np.prod(sizes))} "
-                     f"devices; found {len(devices)}")
+  shape = mesh_sizes(mesh_cfg, len(devices))
+  names, sizes = tuple(shape), list(shape.values())
   if getattr(devices[0], "platform", "") == "tpu":
     # The physical torus decides which chips are neighbours; let jax map the axes onto it.
     grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
@@ -90,7 +107,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     # jax.devices() is process-major, so `model` (innermost) stays within a host (NVLink).
     grid = np.asarray(devices, dtype=object).reshape(sizes)
   # Auto axes: XLA propagates shardings inside jit; we only pin inputs and outputs.
-  return Mesh(grid, tuple(names), axis_types=(AxisType.Auto,) * len(names))
+  return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def _is_table(rules) -> bool:

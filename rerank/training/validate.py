@@ -229,10 +229,10 @@ def _mesh(c: _Checker, mode: modes.Mode | None, num_devices: int | None) -> None
     c.problem("rules", "a mapping of logical axis -> mesh axis name(s)", rules)
     return
   names = list(sizes)
-  if (any(isinstance(s, bool) or not isinstance(s, int) or s == 0 or s < -1 for s in sizes.values())
-      or list(sizes.values()).count(-1) > 1):
-    c.problem("mesh", "positive sizes and at most one -1 (all the devices the other axes leave)",
-              sizes)
+  try:
+    sharding.mesh_sizes(sizes)
+  except ValueError as e:
+    c.found.append(str(e))
     sizes = None
   unknown = sorted({logical for logical, _ in rules} - set(sharding.LOGICAL_AXES))
   if unknown:
@@ -243,15 +243,10 @@ def _mesh(c: _Checker, mode: modes.Mode | None, num_devices: int | None) -> None
         c.problem(f"rules.{logical}", f"a mesh axis of config.mesh {names} or \"\"", axis)
   if sizes is None or num_devices is None:
     return
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if -1 in sizes.values():
-    if num_devices % fixed:
-      c.problem("mesh", f"fixed axes whose product ({fixed}) divides the {num_devices} devices",
-                sizes)
-      return
-    sizes = {k: num_devices // fixed if s == -1 else s for k, s in sizes.items()}
-  elif fixed != num_devices:
-    c.problem("mesh", f"axes whose sizes multiply to the {num_devices} devices", sizes)
+  try:
+    sizes = sharding.mesh_sizes(sizes, num_devices)
+  except ValueError as e:
+    c.found.append(str(e))
     return
   # Every batch array is split along its leading axis over the first "batch" rule's axes.
   batch_axes = next((axes for logical, axes in rules if logical == "batch"), ())
