@@ -1,14 +1,44 @@
 """Training metrics to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow).
 
 On resume from step s, logged lines after s are dropped first, so a run that was killed and
-restarted leaves one line per logged step, as an uninterrupted run would.
+restarted leaves one line per logged step, as an uninterrupted run would. A final line torn by
+a kill mid-write is dropped with a warning; a damaged line before it is an error naming it.
 """
 
 import json
 import os
 
+from absl import logging
 import numpy as np
 import tensorboardX
+
+from rerank import errors
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a torn final line (a kill mid-write) is dropped with a warning.
+
+  Raises errors.UserError naming the line when one before the last is not a row of ours.
+  """
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.readlines()
+  rows = []
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+        raise ValueError("no integer step")
+    except ValueError as e:
+      if i == len(lines) and not line.endswith("\n"):
+        logging.warning("%s:%d: dropped a torn last line (the run was killed while writing it)",
+                        path, i)
+        continue
+      raise errors.expected(f"{path}:{i}", "a JSON object with an integer step",
+                            f"{line.strip()[:80]!r} ({e})") from e
+    rows.append(row)
+  return rows
 
 
 class MetricWriter:
@@ -20,12 +50,15 @@ class MetricWriter:
     if not enabled:
       return
     if resume_step > 0 and os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+      kept = [json.dumps(row) + "\n" for row in read_rows(self.path) if row["step"] <= resume_step]
+      tmp = f"{self.path}.tmp-{os.getpid()}"
+      try:
+        with open(tmp, "w") as f:
+          f.writelines(kept)
+        os.replace(tmp, self.path)
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
     elif os.path.exists(self.path):
       os.remove(self.path)
     self._file = open(self.path, "a")
