@@ -48,9 +48,8 @@ def check_out(out: str, overwrite: bool = False) -> None:
   if not entries:
     return
   if not _is_index(out):
-    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise errors.expected(where, "an empty directory or an index written by rerank.index",
-                          f"{len(entries)} other entries ({shown}); choose another --out")
+                          f"{errors.entries(entries)}; choose another --out")
   if not overwrite:
     raise errors.expected(where, "a new directory", "an index already; pass --overwrite to "
                           "replace it")

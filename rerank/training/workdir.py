@@ -45,11 +45,11 @@ def check_destination(workdir: str, flag: str = "--workdir") -> None:
   entries = sorted(os.listdir(workdir))
   if _is_training_config(os.path.join(workdir, CONFIG)):
     return
-  others = [e for e in entries if e not in OURS and not _is_our_temp(e)]
-  if others or CONFIG in entries:
-    shown = ", ".join(others[:3] or [CONFIG]) + (", ..." if len(others) > 3 else "")
-    what = f"{len(others)} other entries ({shown})" if others else "a config.json that is no training config"
-    raise errors.expected(f"{flag} {workdir!r}", "an empty directory or a rerank.train workdir", what)
+  # config.json is not ours here (checked above): a converted checkpoint's, say.
+  others = [e for e in entries if e == CONFIG or (e not in OURS and not _is_our_temp(e))]
+  if others:
+    raise errors.expected(f"{flag} {workdir!r}", "an empty directory or a rerank.train workdir",
+                          f"{errors.entries(others)}; choose another {flag}")
 
 
 def _is_training_config(path: str) -> bool:
