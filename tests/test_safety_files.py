@@ -15,6 +15,7 @@ import pytest
 from rerank import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from step_worker import JAX_CACHE  # noqa: E402  (the shared compilation cache)
 
@@ -252,11 +253,6 @@ def _kill_during_best_save(w):
   _unfinish(w, "best", 3)
 
 
-def _kill_during_both(w):
-  _unfinish(w, "checkpoints", 3)
-  _unfinish(w, "best", 3)
-
-
 def _no_markers(w):  # orbax's commit marker and step metadata gone from a renamed (finished) step
   for sub in ("checkpoints", "best"):
     os.remove(os.path.join(w, sub, "3", "commit_success.txt"))
@@ -271,24 +267,27 @@ def _best_newer_than_latest(w):  # killed after best/4 was written, before check
   shutil.copytree(os.path.join(w, "best", "3"), os.path.join(w, "best", "4"))
 
 
-# case -> (damage, rerun's flags, the step it resumes from, checkpoints/ after it, best/ after it:
-# a list of the possible ones, since best/ keeps the better dev score of two)
+# case -> (damages, rerun's flags, the step it resumes from, checkpoints/ after it, best/ after it:
+# a list of the possible ones, since best/ keeps the better dev score of two). Between them the
+# cases cover a finished and an unfinished step in each directory, in each combination that a
+# kill can leave, plus stray temp steps and steps whose orbax markers are gone.
 _KILLS = {
-    "latest_unfinished": (_kill_during_latest_save, ["--stop_after=3"], 0, [3], [[3]]),
-    "best_unfinished": (_kill_during_best_save, ["--stop_after=1"], 3, [3, 4], [[]]),
-    "both_unfinished": (_kill_during_both, ["--stop_after=3"], 0, [3], [[3]]),
-    "markers_removed": (_no_markers, ["--stop_after=1"], 3, [3, 4], [[3]]),
-    "stray_temp": (_stray_temp_of_a_later_step, ["--stop_after=1"], 3, [3, 4], [[3]]),
-    "best_newer": (_best_newer_than_latest, ["--stop_after=1", "--config.eval_every=4"], 3,
-                   [3, 4], [[3], [4]]),
+    "latest_unfinished_best_finished": (
+        [_kill_during_latest_save], ["--stop_after=3"], 0, [3], [[3]]),
+    "latest_finished_best_unfinished_stray_temp": (
+        [_kill_during_best_save, _stray_temp_of_a_later_step], ["--stop_after=1"], 3, [3, 4], [[]]),
+    "markers_removed_best_newer": (
+        [_no_markers, _best_newer_than_latest], ["--stop_after=1", "--config.eval_every=4"], 3,
+        [3, 4], [[3], [4]]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(_KILLS))
 def test_rerun_after_a_kill_mid_save_resumes(tmp_path, trained, case):
-  damage, flags, start, latest, best = _KILLS[case]
+  damages, flags, start, latest, best = _KILLS[case]
   w = _copy(trained, tmp_path)
-  damage(w)
+  for damage in damages:
+    damage(w)
   res = _run([*_TRAIN, f"--workdir={w}", *flags])
   assert res.returncode == 0, res.stderr[-3000:]
   assert ("resumed from" in res.stdout) == bool(start), res.stdout
@@ -298,3 +297,181 @@ def test_rerun_after_a_kill_mid_save_resumes(tmp_path, trained, case):
   assert not _leftovers(w), _leftovers(w)
   logged = [2, 3, 4] if latest[-1] == 4 else [2, 3]
   assert _metric_steps(w) == logged  # one line per logged step, as an uninterrupted run
+
+
+# --- a resume that does not fit, torn metrics, guards ---------------------------------------------
+
+def test_resume_with_another_model_size_fails_first_and_changes_nothing(tmp_path, trained):
+  w = _copy(trained, tmp_path)
+  before = _snapshot(w)
+  line = _error_line(_run([*_TRAIN, f"--workdir={w}", "--config.model.hidden_size=32",
+                           "--config.model.mlp_dim=64"]))
+  assert ("this workdir was trained with model.hidden_size 64, the config asks for 32; "
+          "model.mlp_dim 128, the config asks for 64") in line, line
+  assert _snapshot(w) == before  # config.json not rewritten, no lock left
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume(tmp_path, trained, caplog):
+  from rerank.training import metric_writer
+  w = _copy(trained, tmp_path)
+  with open(os.path.join(w, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 4, "loss": 3.1')  # killed mid-write
+  with metric_writer.MetricWriter(w, resume_step=3) as writer:
+    writer.write(4, {"loss": 2.5})
+  assert "torn last line" in caplog.text
+  assert _metric_steps(w) == [2, 3, 4] and not _leftovers(w)
+
+
+def test_damaged_metrics_line_before_the_last_is_named(tmp_path, trained):
+  from rerank.training import metric_writer
+  w = _copy(trained, tmp_path)
+  path = os.path.join(w, "metrics.jsonl")
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, "w") as f:
+    f.writelines([lines[0], "garbage\n", *lines[1:]])
+  before = _snapshot(w)
+  with pytest.raises(errors.UserError) as e:
+    metric_writer.MetricWriter(w, resume_step=3)
+  assert str(e.value).startswith(f"{path}:2: expected a JSON object with an integer step, "
+                                 "found 'garbage'")
+  assert _snapshot(w) == before
+
+
+@pytest.mark.parametrize("field,value", [("total_steps", -1), ("batch_size", 0),
+                                         ("checkpoint_every", 0)])
+def test_train_guards_are_one_line_and_write_nothing(tmp_path, field, value):
+  w = tmp_path / "w"
+  line = _error_line(_run([*_TRAIN, f"--workdir={w}", f"--config.{field}={value}"]))
+  assert line == f"error: config.{field}: expected an integer >= 1; found {value}"
+  assert not w.exists()
+
+
+# --- one run per workdir ----------------------------------------------------------------------------
+
+def _lock(w, **owner):
+  with open(os.path.join(w, "train.lock"), "w") as f:
+    json.dump(owner, f)
+
+
+@pytest.mark.parametrize("where", ["this_host", "other_host"])
+def test_a_held_lock_refuses_a_second_run(tmp_path, trained, where):
+  import socket
+  from rerank.training import workdir as workdir_lib
+  w = _copy(trained, tmp_path)
+  if where == "this_host":  # a live process: this test's
+    _lock(w, pid=os.getpid(), host=socket.gethostname(),
+          started=workdir_lib._process_start(os.getpid()), since="then")
+  else:  # a pid that is dead here, but on another host: cannot tell, so it holds
+    _lock(w, pid=2 ** 22 + 1, host="other-host", since="then")
+  before = _snapshot(w)
+  line = _error_line(_run([*_TRAIN, f"--workdir={w}"]))
+  owner = (f"pid {os.getpid()} on host {socket.gethostname()!r}" if where == "this_host"
+           else f"pid {2 ** 22 + 1} on host 'other-host'")
+  assert f"expected no other run in it, found the run of {owner} (since then)" in line, line
+  assert f"delete {w}/train.lock" in line
+  assert _snapshot(w) == before
+
+
+def test_concurrent_run_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, trained):
+  import signal
+  import time
+  w = _copy(trained, tmp_path)
+  lock = os.path.join(w, "train.lock")
+  first = subprocess.Popen([sys.executable, *_TRAIN, f"--workdir={w}"], cwd=ROOT, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    t_end = time.time() + 300
+    while not os.path.exists(lock):
+      assert first.poll() is None and time.time() < t_end, first.stderr.read()[-3000:]
+      time.sleep(0.05)
+    line = _error_line(_run([*_TRAIN, f"--workdir={w}"]))
+    assert f"found the run of pid {first.pid} on host" in line, line
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+  assert os.path.exists(lock)  # kill -9 leaves it
+  res = _run([*_TRAIN, f"--workdir={w}", "--stop_after=1"])
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert f"warning: took over the lock of pid {first.pid}" in res.stdout
+  assert not os.path.exists(lock) and not _leftovers(w)
+
+
+# --- disk full, read-only workdirs: one line, nothing half-written ----------------------------------
+
+def _no_space(*args, **kwargs):
+  raise OSError(28, "No space left on device")
+
+
+def test_config_json_write_error_keeps_the_old_one(tmp_path, monkeypatch):
+  from rerank.training import workdir as workdir_lib
+  path = tmp_path / "config.json"
+  path.write_text('{"old": true}\n')
+
+  class Full:
+    def __init__(self, name, *args, **kwargs):
+      self.f = open(name, *args, **kwargs)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, text):
+      self.f.write(text[:10])  # a partial write, then the disk is full
+      raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(workdir_lib, "open", Full, raising=False)
+  with pytest.raises(errors.UserError) as e:
+    workdir_lib.write_text(str(path), '{"new": true}\n')
+  assert str(e.value) == f"{path}: cannot write it (No space left on device); it is unchanged"
+  assert path.read_text() == '{"old": true}\n' and os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.parametrize("how", ["mocked", "chmod"])
+def test_read_only_workdir_is_one_line(tmp_path, trained, monkeypatch, how):
+  from configs import demo
+  from rerank import train
+  w = _copy(trained, tmp_path)
+  if how == "chmod":
+    if os.geteuid() == 0:
+      pytest.skip("root writes into read-only directories")
+    os.chmod(w, 0o555)
+  else:
+    def read_only(*args, **kwargs):
+      raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(train, "open", read_only, raising=False)
+  before = _snapshot(w)
+  try:
+    with pytest.raises(errors.UserError) as e:
+      train.train_and_evaluate(demo.get_config("runlocal"), w)
+  finally:
+    os.chmod(w, 0o755)
+  assert str(e.value).startswith(f"cannot create or write workdir {w!r}: ")
+  assert ("Read-only file system" if how == "mocked" else "Permission denied") in str(e.value)
+  assert _snapshot(w) == before
+
+
+_FULL_AT_STEP_4 = (
+    "import sys\n"
+    "from rerank import cli, train\n"
+    "from rerank.training import metric_writer\n"
+    "write = metric_writer.MetricWriter.write\n"
+    "def full(self, step, scalars):\n"
+    "  if step == 4:\n"
+    "    raise OSError(28, 'No space left on device', self.path)\n"
+    "  write(self, step, scalars)\n"
+    "metric_writer.MetricWriter.write = full\n"
+    "sys.argv[0] = 'rerank.train'\n"
+    "cli.run(train.main, train.define_flags)\n")
+
+
+def test_disk_full_mid_run_is_one_line_and_leaves_a_resumable_workdir(tmp_path, trained):
+  w = _copy(trained, tmp_path)
+  line = _error_line(_run(["-c", _FULL_AT_STEP_4, "--config=configs/demo.py:runlocal",
+                           f"--workdir={w}"]))
+  assert line == (f"error: {w}/metrics.jsonl: No space left on device (the newest checkpoint in "
+                  "--workdir is intact: rerun the same command to resume once this is fixed)")
+  assert _steps(w, "checkpoints") == [3] and _metric_steps(w) == [2, 3]
+  assert not _leftovers(w)  # lock released, no temp files
