@@ -475,3 +475,14 @@ def test_disk_full_mid_run_is_one_line_and_leaves_a_resumable_workdir(tmp_path, 
                   "--workdir is intact: rerun the same command to resume once this is fixed)")
   assert _steps(w, "checkpoints") == [3] and _metric_steps(w) == [2, 3]
   assert not _leftovers(w)  # lock released, no temp files
+
+
+def test_results_write_error_keeps_the_old_results(tmp_path, monkeypatch):
+  from rerank.evaluation import evaluator
+  results = {"dataset": "d", "split": "test", "num_images": 1, "num_texts": 1, "rows": []}
+  evaluator.write_results(str(tmp_path), results)
+  before = _snapshot(tmp_path)
+  monkeypatch.setattr(evaluator.os, "replace", _no_space)
+  with pytest.raises(OSError):
+    evaluator.write_results(str(tmp_path), {**results, "split": "dev"})
+  assert _snapshot(tmp_path) == before  # old results intact, no temp file

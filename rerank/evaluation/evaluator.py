@@ -192,7 +192,11 @@ def write_results(workdir: str, results: dict) -> str:
   table = results_markdown(results)
   for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", table)):
     tmp = os.path.join(workdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    try:
+      with open(tmp, "w") as f:
+        f.write(text)
+      os.replace(tmp, os.path.join(workdir, name))
+    finally:  # a failed write (disk full) leaves the old file and no temp file
+      if os.path.exists(tmp):
+        os.remove(tmp)
   return table
