@@ -486,3 +486,17 @@ def test_results_write_error_keeps_the_old_results(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     evaluator.write_results(str(tmp_path), {**results, "split": "dev"})
   assert _snapshot(tmp_path) == before  # old results intact, no temp file
+
+
+def test_damaged_checkpoint_is_one_line_and_changes_nothing(tmp_path, trained):
+  w = _copy(trained, tmp_path)
+  data = os.path.join(w, "checkpoints", "3", "default", "ocdbt.process_0", "d")
+  for name in os.listdir(data):
+    with open(os.path.join(data, name), "wb"):
+      pass  # truncated to 0 bytes, as a disk that lost the writes
+  before = _snapshot(w)
+  line = _error_line(_run([*_TRAIN, f"--workdir={w}", "--stop_after=1"]))
+  assert line.startswith(f"error: {w}/checkpoints/3: cannot restore it into the config's train "
+                         "state ("), line
+  assert "move that step away to resume from an older one" in line
+  assert _snapshot(w) == before
