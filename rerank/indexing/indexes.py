@@ -41,7 +41,7 @@ class IndexMismatchError(errors.UserError):
   """The saved index was built from another checkpoint or embedding size."""
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(errors.UserError):
   """An index directory that is not what `save` wrote: the message names the file and why."""
 
 

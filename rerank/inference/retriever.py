@@ -15,6 +15,7 @@ defaults to the checkpoint config's `eval.k`; `config.search` holds the rerank f
 
 import numpy as np
 
+from rerank import errors
 from rerank.data import datasets
 from rerank.indexing import indexes as index_lib
 from rerank.inference import engine as engine_lib
@@ -86,22 +87,23 @@ class Retriever:
     if isinstance(texts, np.ndarray):
       texts = texts.tolist()
     if not isinstance(texts, (list, tuple)) or not texts:
-      raise ValueError(f"queries: expected a string or a non-empty list of strings; found "
-                       f"{shorten(repr(texts))}")
+      raise errors.UserError(f"queries: expected a string or a non-empty list of strings; "
+                             f"found {shorten(repr(texts))}")
     for i, t in enumerate(texts):
       if not isinstance(t, str) or not t.strip():
-        raise ValueError(f"query {i}: expected a non-empty string; found {shorten(repr(t))}")
+        raise errors.UserError(f"query {i}: expected a non-empty string; found {shorten(repr(t))}")
     return self.m.text_inputs(texts)
 
   def _rows(self, rows) -> np.ndarray:
     """[N] int64 corpus rows, each in [0, num_images): -1 is an error, not the last image."""
     arr = np.asarray(rows)
     if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-      raise ValueError(f"rows: expected a list of integer corpus rows; found {shorten(repr(rows))}")
+      raise errors.UserError(f"rows: expected a list of integer corpus rows; found "
+                             f"{shorten(repr(rows))}")
     n = self.corpus.num_images
     bad = arr[(arr < 0) | (arr >= n)]
     if bad.size:
-      raise ValueError(f"rows: expected corpus rows in [0, {n}); found {int(bad[0])}")
+      raise errors.UserError(f"rows: expected corpus rows in [0, {n}); found {int(bad[0])}")
     return arr.astype(np.int64)
 
   def encode_texts(self, texts) -> np.ndarray:
@@ -129,7 +131,7 @@ class Retriever:
     if k is None:
       k = self.k
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-      raise ValueError(f"k: expected an integer >= 1; found {shorten(repr(k))}")
+      raise errors.UserError(f"k: expected an integer >= 1; found {shorten(repr(k))}")
     ids, mask = self._tokenize(queries)
     q_emb = self.engine.embed_texts(ids, mask)
     be_ids, be_scores = self.index.search(q_emb, k)  # [Q, k]

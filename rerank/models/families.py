@@ -180,7 +180,8 @@ def uniter_spec(config: dict, state: dict, source: str):
              + _norm(i + ("pos_layer_norm",), "img_embeddings.pos_layer_norm")
              + _norm(i + ("LayerNorm",), "img_embeddings.LayerNorm"))
   roots = ("embeddings.", "img_embeddings.", "encoder.", "pooler.")
-  ignored = ("img_embeddings.mask_embedding.", "embeddings.position_ids") + _heads(state, roots, prefix, outside)
+  ignored = (("img_embeddings.mask_embedding.", "embeddings.position_ids")
+             + _heads(state, roots, prefix, outside))
   return state, Spec(cfg, entries, optional=_pooler_keys(), ignored=ignored), prefix
 
 

@@ -192,7 +192,8 @@ def read_safetensors_header(path: str) -> tuple[int, list[_StTensor]]:
   metadata = header.pop("__metadata__", None)
   if metadata is not None and not (isinstance(metadata, dict)
                                    and all(isinstance(v, str) for v in metadata.values())):
-    raise ConvertError(f"{path}: safetensors __metadata__: expected an object of strings; found {metadata!r:.80}")
+    raise ConvertError(f"{path}: safetensors __metadata__: expected an object of strings; "
+                       f"found {metadata!r:.80}")
   tensors = sorted((_st_tensor(path, k, v) for k, v in header.items()), key=lambda t: (t.begin, t.end))
   pos = 0
   for t in tensors:
