@@ -179,7 +179,7 @@ def read_safetensors_header(path: str) -> tuple[int, list[_StTensor]]:
   with open(path, "rb") as f:
     raw = f.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    if n < 2 or 8 + n > size or n > _ST_MAX_HEADER:
+    if n < 0 or 8 + n > size or n > _ST_MAX_HEADER:
       raise ConvertError(f"{path}: safetensors header claims {n} bytes but the file has {size}; "
                          "the file is truncated or not safetensors")
     text = f.read(n)
