@@ -24,9 +24,15 @@ from rerank.inference import reranker as rerank_lib
 _SEARCH_DEFAULTS = dict(fusion="ce", alpha=0.5, query_block=8)
 
 
-def shorten(text: str, limit: int = 80) -> str:
-  """`text` cut to `limit` characters for a message, saying how long it was."""
-  return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def shorten(value, limit: int = 80) -> str:
+  """repr(value) for a message, cut to about `limit` characters: a query can be a book.
+
+  A string longer than `limit` shows its first `limit` characters and its length.
+  """
+  if isinstance(value, str):
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+  text = repr(value)
+  return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters of repr)"
 
 
 def _check_image_ids(index_dir: str, identity: dict, saved, now) -> None:
@@ -88,10 +94,10 @@ class Retriever:
       texts = texts.tolist()
     if not isinstance(texts, (list, tuple)) or not texts:
       raise errors.UserError(f"queries: expected a string or a non-empty list of strings; "
-                             f"found {shorten(repr(texts))}")
+                             f"found {shorten(texts)}")
     for i, t in enumerate(texts):
       if not isinstance(t, str) or not t.strip():
-        raise errors.UserError(f"query {i}: expected a non-empty string; found {shorten(repr(t))}")
+        raise errors.UserError(f"query {i}: expected a non-empty string; found {shorten(t)}")
     return self.m.text_inputs(texts)
 
   def _rows(self, rows) -> np.ndarray:
@@ -99,7 +105,7 @@ class Retriever:
     arr = np.asarray(rows)
     if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
       raise errors.UserError(f"rows: expected a list of integer corpus rows; found "
-                             f"{shorten(repr(rows))}")
+                             f"{shorten(rows)}")
     n = self.corpus.num_images
     bad = arr[(arr < 0) | (arr >= n)]
     if bad.size:
@@ -131,7 +137,7 @@ class Retriever:
     if k is None:
       k = self.k
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-      raise errors.UserError(f"k: expected an integer >= 1; found {shorten(repr(k))}")
+      raise errors.UserError(f"k: expected an integer >= 1; found {shorten(k)}")
     ids, mask = self._tokenize(queries)
     q_emb = self.engine.embed_texts(ids, mask)
     be_ids, be_scores = self.index.search(q_emb, k)  # [Q, k]
