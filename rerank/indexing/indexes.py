@@ -12,7 +12,9 @@ Backends, all scoring by dot product (= cosine on unit vectors), all with one ve
 
 An index is saved in its own directory (`index.json` + arrays), written to a temporary
 directory and renamed, with the identity of the checkpoint that made the embeddings;
-`load(..., expect=...)` refuses an index from another checkpoint or embedding size.
+`load(..., expect=...)` refuses an index from another checkpoint or embedding size. index.json
+lists every file with its size and sha256; `load` reads only listed files that match, never
+unpickles, and refuses non-finite embeddings (see "checked reading" below).
 """
 
 import contextlib

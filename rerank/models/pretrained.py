@@ -1,7 +1,8 @@
 """Pretrained PyTorch checkpoints -> our Flax encoder parameters, and converted checkpoints back.
 
-Reading: `.safetensors` through safetensors' numpy API (no torch); `.bin` / `.pt` / `.pth`
-through `torch.load(weights_only=True)` only, so a checkpoint can never run code on load.
+Reading: `.safetensors` through our reader, which checks the header as the safetensors library
+does (no torch); `.bin` / `.pt` / `.pth` through `torch.load(weights_only=True)` only, with a
+torch recent enough that this cannot be bypassed, so a checkpoint can never run code on load.
 Mapping: each family (`convert_families.py`) lists (our parameter path, checkpoint key, kind);
 `build_params` checks every key and shape against the encoder the checkpoint's config implies
 and names everything missing, unexpected or mis-shaped in ONE error.
