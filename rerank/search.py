@@ -37,6 +37,8 @@ def main(argv):
     cli.fail(f"--query: expected a non-empty text; found {retriever.shorten(queries)}")
   if FLAGS.k is not None and FLAGS.k < 1:
     cli.fail(f"--k: expected >= 1; found {FLAGS.k}")
+  if FLAGS.show < 1:
+    cli.fail(f"--show: expected >= 1; found {FLAGS.show}")
   try:
     r = retriever.Retriever.load(FLAGS.index, FLAGS.checkpoint)
     results = r.search(queries, k=FLAGS.k, rerank=FLAGS.rerank)

@@ -214,6 +214,27 @@ def test_sharded_index_checks_every_shard(tmp_path):
     indexes.load(path)
 
 
+def test_sharded_offsets_must_match_the_shards(tmp_path):
+  corpus = _unit(400, 8)
+  path = str(tmp_path / "idx")
+  indexes.save(indexes.ShardedIndex([indexes.ExactIndex(corpus[:150]), indexes.ExactIndex(corpus[150:])],
+                                    [0, 150]), path, {})
+  meta = json.load(open(os.path.join(path, "index.json")))
+  meta["offsets"] = [0, 100]
+  json.dump(meta, open(os.path.join(path, "index.json"), "w"))
+  with pytest.raises(indexes.IndexFormatError, match=r"offsets: expected \[0, 150\] for shards of \[150, 250\]"):
+    indexes.load(path)
+
+
+def test_jax_query_block_is_bounded(tmp_path):
+  _, path = _saved(tmp_path, "jax")
+  meta = json.load(open(os.path.join(path, "index.json")))
+  meta["query_block"] = 10 ** 12  # would pad every search to 10^12 rows
+  json.dump(meta, open(os.path.join(path, "index.json"), "w"))
+  with pytest.raises(indexes.IndexFormatError, match=r"query_block: expected an integer in \[1, 65536\]"):
+    indexes.load(path)
+
+
 # ------------------------------------------------------------------ safetensors headers
 
 
@@ -287,6 +308,15 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
                      r"encoder\.layer\.1\.output\.dense\.weight \(1 of 2048 values\)"):
     convert_lib.convert("bert", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
   assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", 3])
+def test_sharded_checkpoint_index_cannot_point_outside_src(tmp_path, shard):
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard, "b": "x"}}))
+  with pytest.raises(pretrained.ConvertError, match=r"model\.safetensors\.index\.json: "):
+    pretrained.find_weights(str(src))
 
 
 # ------------------------------------------------------------------ torch floor

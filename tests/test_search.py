@@ -176,7 +176,17 @@ def test_search_cli_never_echoes_a_long_query_in_full(built):
   res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", f"--query={long_query}",
                         "--query= "], env=ENV, cwd=REPO, capture_output=True, text=True)
   assert res.returncode == 2 and "error: --query" in res.stderr and len(res.stderr) < 500, res.stderr[-500:]
+  res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", "--query=a cube",
+                        "--show=-1"], env=ENV, cwd=REPO, capture_output=True, text=True)
+  assert res.returncode == 2 and "error: --show: expected >= 1; found -1" in res.stderr, res.stderr[-500:]
   res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", f"--query={long_query}",
                         "--k=3"], env=ENV, cwd=REPO, capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-2000:]
   assert max(len(line) for line in res.stdout.splitlines()) < 300 and "100002 characters" in res.stdout
+
+
+def test_index_without_an_identity_is_one_error(tmp_path):
+  path = str(tmp_path / "idx")
+  indexes.save(indexes.ExactIndex(np.eye(4, dtype=np.float32)), path, {"fingerprint": "abc"})
+  with pytest.raises(indexes.IndexFormatError, match=r"index\.json: identity: expected .*found no checkpoint, dataset, split"):
+    retriever.Retriever.load(path)

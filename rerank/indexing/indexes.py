@@ -144,9 +144,9 @@ class JaxIndex:
   @classmethod
   def _load(cls, path, meta):
     block = meta.get("query_block", 256)
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-      raise IndexFormatError(f"{os.path.join(path, _META)}: query_block: expected an integer >= 1; "
-                             f"found {block!r}")
+    if not _is_count(block, 1) or block > _MAX_QUERY_BLOCK:
+      raise IndexFormatError(f"{os.path.join(path, _META)}: query_block: expected an integer in "
+                             f"[1, {_MAX_QUERY_BLOCK}]; found {block!r:.40}")
     return cls(_load_embeddings(path, meta, mmap=False), block)
 
 
@@ -284,7 +284,12 @@ class ShardedIndex:
         isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
       raise IndexFormatError(f"{os.path.join(path, _META)}: offsets: expected a non-empty list of "
                              f"row offsets; found {offsets!r:.80}")
-    return cls([_read(os.path.join(path, f"shard-{j:05d}")) for j in range(len(offsets))], offsets)
+    shards = [_read(os.path.join(path, f"shard-{j:05d}")) for j in range(len(offsets))]
+    starts = [0] + [int(v) for v in np.cumsum([s.size for s in shards])[:-1]]
+    if offsets != starts or sum(s.size for s in shards) != meta["size"]:
+      raise IndexFormatError(f"{os.path.join(path, _META)}: offsets: expected {starts} for shards of "
+                             f"{[s.size for s in shards]} rows ({meta['size']} in all); found {offsets}")
+    return cls(shards, offsets)
 
 
 def search_multihost(local_index, offset: int, queries, k: int):
@@ -431,6 +436,7 @@ def load(path: str, expect: dict | None = None):
 
 _SCANN_ASSET_SUFFIXES = (".pb", ".pbtxt", ".npy")  # what ScaNN's serialize writes; never .pkl
 _HASH_BLOCK = 1 << 22  # bytes read at a time while hashing or copying
+_MAX_QUERY_BLOCK = 1 << 16  # a JaxIndex pads queries to this many rows: bounds its memory
 
 
 def _manifest(path: str) -> dict:
@@ -590,4 +596,9 @@ def _copy_scann_assets(path: str, meta: dict, private: str) -> None:
                            f"paths among the listed files; found {outside[0]!r}")
   dataset = os.path.join(private, "dataset.npy")
   if os.path.isfile(dataset):  # the float corpus ScaNN reorders with
-    _check_finite_rows(os.path.join(path, "scann", "dataset.npy"), _load_npy(dataset, mmap=True))
+    shown = os.path.join(path, "scann", "dataset.npy")
+    x = _load_npy(dataset, mmap=True)
+    if x.shape != (meta["size"], meta["dim"]):
+      raise IndexFormatError(f"{shown}: expected [{meta['size']}, {meta['dim']}] as {_META} records; "
+                             f"found {list(x.shape)}")
+    _check_finite_rows(shown, x)

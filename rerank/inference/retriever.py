@@ -70,6 +70,11 @@ class Retriever:
   def load(cls, index_dir: str, checkpoint_dir: str | None = None) -> "Retriever":
     """The index in `index_dir` and the model it was built with (or `checkpoint_dir`, checked)."""
     identity = index_lib.read_meta(index_dir).get("identity", {})
+    absent = [key for key in ("checkpoint", "dataset", "split") if not isinstance(identity.get(key), str)]
+    if absent:
+      raise index_lib.IndexFormatError(
+          f"{index_dir}/index.json: identity: expected the checkpoint, dataset and split that "
+          f"python -m rerank.index records; found no {', '.join(absent)}")
     restored = engine_lib.restore_workdir(checkpoint_dir or identity.get("checkpoint", ""))
     dim = restored.encoder_config.hidden_size
     idx, meta, arrays = index_lib.load(index_dir, expect={"fingerprint": restored.fingerprint, "dim": dim})

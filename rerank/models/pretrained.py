@@ -54,8 +54,13 @@ def find_weights(src: str) -> list[str]:
       try:
         with open(path) as f:
           shards = sorted(set(json.load(f)["weight_map"].values()))
-      except (OSError, ValueError, KeyError, AttributeError) as e:
+      except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ConvertError(f"{path}: expected a JSON object with a weight_map ({e})") from e
+      # A shard is a file of `src`: a weight_map cannot send the reader elsewhere.
+      outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s
+                 or s in ("", ".", "..")]
+      if outside:
+        raise ConvertError(f"{path}: weight_map: expected file names in {src}; found {outside[0]!r:.80}")
       missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
       if missing:
         raise ConvertError(f"{path}: shard(s) {', '.join(missing)} not found in {src}")
