@@ -6,6 +6,7 @@ converter family mistakes. Each builds its tiny fixture here and asserts the err
 words (file, field or tensor) and that nothing was left behind.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -22,6 +23,7 @@ from rerank import errors
 from rerank.data.sources import common as sources_common
 from rerank.indexing import indexes
 from rerank.models import convert as convert_lib
+from rerank.models import encoder as encoder_lib
 from rerank.models import families
 from rerank.models import pretrained
 
@@ -317,6 +319,31 @@ def test_sharded_checkpoint_index_cannot_point_outside_src(tmp_path, shard):
   (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard, "b": "x"}}))
   with pytest.raises(pretrained.ConvertError, match=r"model\.safetensors\.index\.json: "):
     pretrained.find_weights(str(src))
+
+
+def _encoder_fields(**changes):
+  return {**dataclasses.asdict(encoder_lib.EncoderConfig(vocab_size=40, hidden_size=32, num_heads=4)), **changes}
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{torn", "found invalid JSON"),
+    (json.dumps({"family": "bert"}), 'expected an object with an "encoder" object'),
+    (json.dumps({"encoder": _encoder_fields(hidden_size="32")}), 'encoder.hidden_size: expected int; found "32"'),
+    (json.dumps({"encoder": _encoder_fields(remat=1)}), "encoder.remat: expected bool; found 1"),
+    (json.dumps({"encoder": _encoder_fields(colour="red")}), "encoder.colour: expected one of the encoder's fields"),
+    (json.dumps({"encoder": _encoder_fields(num_heads=5)}), "encoder: "),
+])
+def test_converted_model_json_is_checked_on_read(tmp_path, content, words):
+  (tmp_path / "model.json").write_text(content)
+  with pytest.raises(pretrained.ConvertError) as e:
+    pretrained.read_meta(str(tmp_path))
+  assert str(e.value).startswith(f"{tmp_path / 'model.json'}: ") and words in str(e.value), str(e.value)
+
+
+def test_converted_model_json_as_written_reads_back(tmp_path):
+  (tmp_path / "model.json").write_text(json.dumps({"family": "bert", "encoder": _encoder_fields()}))
+  meta = pretrained.read_meta(str(tmp_path))
+  assert pretrained.encoder_config(meta).hidden_size == 32
 
 
 # ------------------------------------------------------------------ torch floor

@@ -422,8 +422,47 @@ def is_converted(path: str) -> bool:
 
 
 def read_meta(path: str) -> dict:
-  with open(os.path.join(path, "model.json")) as f:
-    return json.load(f)
+  """model.json of a converted checkpoint, its encoder config checked; ConvertError naming it."""
+  file = os.path.join(path, "model.json")
+  try:
+    with open(file, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConvertError(f"{file}: expected the JSON that python -m rerank.convert writes; found "
+                       f"invalid JSON ({e})") from e
+  if not isinstance(meta, dict) or not isinstance(meta.get("encoder"), dict):
+    raise ConvertError(f"{file}: expected an object with an \"encoder\" object (the encoder config); "
+                       f"found {json.dumps(meta)[:80]}")
+  _check_encoder_fields(file, meta["encoder"])
+  return meta
+
+
+def _field_ok(kind, value) -> bool:
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind == (float | None):
+    return value is None or _field_ok(float, value)
+  return isinstance(value, kind)
+
+
+def _check_encoder_fields(file: str, fields: dict) -> None:
+  """ConvertError naming the first encoder field of model.json that EncoderConfig cannot take."""
+  kinds = {f.name: f.type for f in dataclasses.fields(encoder_lib.EncoderConfig)}
+  for name, value in fields.items():
+    if name not in kinds:
+      raise ConvertError(f"{file}: encoder.{name}: expected one of the encoder's fields "
+                         f"({', '.join(kinds)}); found an unknown field")
+    if not _field_ok(kinds[name], value):
+      want = getattr(kinds[name], "__name__", str(kinds[name]))
+      raise ConvertError(f"{file}: encoder.{name}: expected {want}; found {json.dumps(value)[:80]}")
+  try:
+    encoder_lib.EncoderConfig(**fields)
+  except (TypeError, ValueError) as e:  # a required field missing, or a value out of range
+    raise ConvertError(f"{file}: encoder: {e}") from e
 
 
 def encoder_config(meta: dict, **overrides) -> encoder_lib.EncoderConfig:
