@@ -563,12 +563,14 @@ def _load_embeddings(path: str, meta: dict, mmap: bool) -> np.ndarray:
 
 
 def _scann_params_from_meta(path: str, meta: dict) -> ScannParams:
-  fields = {f.name for f in dataclasses.fields(ScannParams)}
+  """ScannParams from index.json: known fields only, numbers where the field is a number."""
+  fields = {f.name: f.type for f in dataclasses.fields(ScannParams)}
   given = meta.get("scann")
-  if not (isinstance(given, dict) and set(given) <= fields
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in given.values())):
-    raise IndexFormatError(f"{os.path.join(path, _META)}: scann: expected numbers for "
-                           f"{', '.join(sorted(fields))}; found {json.dumps(given)[:80]}")
+  is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+  if not (isinstance(given, dict) and set(given) <= set(fields) and all(
+      is_number(v) for k, v in given.items() if fields[k] in (int, float))):
+    raise IndexFormatError(f"{os.path.join(path, _META)}: scann: expected the fields "
+                           f"{', '.join(fields)} (numbers where numeric); found {json.dumps(given)[:80]}")
   try:
     return ScannParams(**given)
   except TypeError as e:
