@@ -39,7 +39,9 @@ setuptools.setup(
         "test": ["pytest>=8", "chex>=0.1.87"],
         # Reads coco_oscar .pt files (rerank.data.prepare) and PyTorch .bin/.pth checkpoints
         # (rerank.convert, weights_only=True); the parity tests need it. A plain `torch` pulls a
-        # multi-GB CUDA build on most machines; keep it opt-in.
-        "torch": ["torch>=2.3"],
+        # multi-GB CUDA build on most machines; keep it opt-in. >= 2.10: older weights_only
+        # loaders can be made to run code (advisories for <= 2.5.1 and < 2.10); the readers
+        # check the version again at run time.
+        "torch": ["torch>=2.10"],
     },
 )
