@@ -237,8 +237,8 @@ def test_reproduce_cli_lists_and_writes_atomically(tmp_path):
 
 # Every paper config's runlocal variant trains, so a config that rots fails CI (of the fusion
 # rows, which train like flickr30k_joint, one: its evaluation reranks with a weighted fusion).
-@pytest.mark.parametrize("name", [os.path.basename(p)[:-3]
-                                  for p in CONFIGS + [f for f in FUSION_CONFIGS if f.endswith("_w01.py")]])
+@pytest.mark.parametrize("name", [os.path.basename(p)[:-3] for p in CONFIGS + [
+    f for f in FUSION_CONFIGS if f.endswith("_w01.py")]])
 def test_runlocal_variant_trains(tmp_path, name):
   r = _run("rerank.train", f"--config=configs/paper/{name}.py:runlocal",
            f"--workdir={tmp_path}", "--config.total_steps=2")
