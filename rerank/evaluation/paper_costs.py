@@ -67,8 +67,8 @@ def _once(fn) -> float:
 
 
 def _tiled(x: np.ndarray, n: int) -> batches.LazyRows:
-  """n rows cycling through x's rows, built one batch at a time (5k x 50 x 2054 regions would
-  not fit in memory)."""
+  """n rows cycling through x's rows, built one batch at a time (5k images' regions are 2 GB,
+  the pairs of a workload far more)."""
   return batches.LazyRows(np.arange(n) % len(x), lambda r: x[r], x.shape[1:], x.dtype)
 
 
@@ -201,6 +201,10 @@ def _duration(s: float) -> str:
   return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
+def _ratio(x: float) -> str:
+  return f"{x:.2g}x" if x < 10 else f"{x:,.0f}x"
+
+
 def markdown(paper: dict) -> str:
   """The two tables, ours beside the paper's; * = partly extrapolated."""
   lines = [f"The paper's Tables 3 and 4 on this device: model {paper['model']}, "
@@ -214,7 +218,7 @@ def markdown(paper: dict) -> str:
     star = "" if r["measured"] else "*"
     lines.append(f"| {r['table']} | {what[r['table']]} | {r['method']} "
                  f"| {_duration(r['seconds'])}{star} | {_duration(r['paper_seconds'])} "
-                 f"| {r['seconds'] / r['paper_seconds']:.2g} |")
+                 f"| {_ratio(r['seconds'] / r['paper_seconds'])} |")
   sources = sorted({r["paper_source"] for r in paper["rows"]})
   lines += ["", "Paper figures: " + "; ".join(sources) + "."]
   return "\n".join(lines) + "\n"
