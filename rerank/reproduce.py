@@ -102,9 +102,9 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
         raise ValueError(f"--workdirs {row.key}: {results['_source']} reranked "
                          f"k={found.get('k')}; row needs k={row.k} "
                          f"(python -m rerank.evaluate ... --config.eval.k={row.k})")
-      if found is not None and row.fusion is not None and run_fusion(results, found) != row.fusion:
+      if found is not None and row.fusion is not None and run_fusion(found) != row.fusion:
         raise ValueError(f"--workdirs {row.key}: {results['_source']} fused scores as "
-                         f"{run_fusion(results, found)}; row needs {row.fusion} "
+                         f"{run_fusion(found)}; row needs {row.fusion} "
                          f"(python -m rerank.evaluate --config={row.config} ...)")
     out.append({"row": row, "metrics": found,
                 "split": results.get("split") if results else None,
@@ -112,12 +112,14 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
   return out
 
 
-def run_fusion(results: dict, row: dict) -> tuple[str, float]:
-  """(fusion, weight) a results.json row was reranked with: the row's "fusion" and
-  "fusion_weight", else the run's; a run that records neither predates fusion modes, so CE alone."""
-  name = row.get("fusion", results.get("fusion", "standard"))
-  weight = row.get("fusion_weight", results.get("fusion_weight", 0.0))
-  return (name, 0.0) if name == "standard" else (name, float(weight))
+def run_fusion(row: dict) -> tuple[str, float]:
+  """(mode, weight) a results.json RR row was reranked with (its "fusion": {"mode", "weight"});
+  a row without one predates fusion modes, so the CE alone ("standard", whose weight is unused)."""
+  fusion = row.get("fusion") or {}
+  mode = fusion.get("mode", "standard")
+  if mode in ("standard", "ce"):
+    return "standard", 0.0
+  return mode, float(fusion.get("weight", 0.0))
 
 
 def _fmt(x, spec=".1f"):

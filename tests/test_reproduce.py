@@ -325,7 +325,7 @@ def test_fusion_table_checks_the_run_fusion_and_compares_table_9(tmp_path):
   def run(name, fusion=None, weight=None):
     results = _results("flickr30k_butd", "test", [("BE", 70.0), ("RR", 77.0)])
     if fusion is not None:
-      results["rows"][1].update(fusion=fusion, fusion_weight=weight)
+      results["rows"][1]["fusion"] = {"mode": fusion, "weight": weight}  # as the evaluator
     return reproduce.load_run(_write(tmp_path, name, results))
 
   runs = {"standard": run("plain"), "w0.1": run("w01", "combination", 0.1)}
@@ -341,4 +341,5 @@ def test_fusion_table_checks_the_run_fusion_and_compares_table_9(tmp_path):
     reproduce.collect("flickr30k_fusion", {"w0.9": runs["w0.1"]})
   with pytest.raises(ValueError, match=r"row needs \('combination', 0.1\)"):
     reproduce.collect("flickr30k_fusion", {"w0.1": runs["standard"]})  # no fusion: CE alone
-  assert reproduce.run_fusion({}, {"fusion": "standard", "fusion_weight": 0.5}) == ("standard", 0.0)
+  assert reproduce.run_fusion({"fusion": {"mode": "standard", "weight": 0.5}}) == ("standard", 0.0)
+  assert reproduce.run_fusion({"fusion": {"mode": "rank", "weight": 0.5}}) == ("rank", 0.5)
