@@ -281,9 +281,10 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   try:
-    distributed.initialize()  # before any device is touched
+    kind = distributed.initialize()  # before any device is touched
   except ValueError as e:
     cli.fail(str(e))
+  distributed.log(distributed.describe(kind), flush=True)
   config = cli.load_config()
   try:
     train_and_evaluate(config, FLAGS.workdir, stop_after=FLAGS.stop_after)
