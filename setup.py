@@ -41,5 +41,9 @@ setuptools.setup(
         # (rerank.convert, weights_only=True); the parity tests need it. A plain `torch` pulls a
         # multi-GB CUDA build on most machines; keep it opt-in.
         "torch": ["torch>=2.3"],
+        # Accelerator builds of the same jax line: NVIDIA GPUs (CUDA 12 and cuDNN from pip
+        # wheels; needs only an NVIDIA driver) and Cloud TPU VMs (libtpu from PyPI).
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
     },
 )

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from configs import demo
 from rerank.training import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
 TRAIN = [sys.executable, "-m", "rerank.train", "--config=configs/demo.py:runlocal"]
 
 
@@ -80,6 +82,25 @@ def test_slurm_two_processes_train_like_one(tmp_path):
   keys = sorted(ref_losses)
   np.testing.assert_allclose([losses[k] for k in keys], [ref_losses[k] for k in keys],
                              rtol=2e-4, atol=1e-5)
+
+
+def test_both_checkpoint_managers_save_the_same_step_on_two_processes(tmp_path):
+  # Without distinct barrier names per manager, the overlapping saves fail on a barrier that is
+  # "already ongoing" after orbax's 5-minute timeout; the timeout here catches that sooner.
+  env = dict(os.environ, PYTHONPATH=REPO, RERANK_LOG_DIR=str(tmp_path))
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.Popen([LAUNCH, "2", sys.executable, os.path.join(REPO, "tests",
+                                                                  "checkpoint_worker.py"),
+                        str(tmp_path / "w")], env=env, cwd=REPO, text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+  try:
+    out = p.communicate(timeout=180)[0]
+  except subprocess.TimeoutExpired:
+    os.killpg(p.pid, signal.SIGKILL)
+    pytest.fail("the two managers' saves of one step did not finish (barrier collision?)")
+  other = (tmp_path / "rerank_proc1.log").read_text()
+  assert p.returncode == 0, out[-3000:] + other[-3000:]
+  assert "restored best (step 6), newest step 6" in out
 
 
 SLURM = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="n[1-2]", SLURM_PROCID="0", SLURM_LOCALID="0")
