@@ -100,7 +100,7 @@ def test_both_checkpoint_managers_save_the_same_step_on_two_processes(tmp_path):
     pytest.fail("the two managers' saves of one step did not finish (barrier collision?)")
   other = (tmp_path / "rerank_proc1.log").read_text()
   assert p.returncode == 0, out[-3000:] + other[-3000:]
-  assert "restored best (step 6), newest step 6" in out
+  assert "restored best (step 8), newest step 8" in out
 
 
 SLURM = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="n[1-2]", SLURM_PROCID="0", SLURM_LOCALID="0")
@@ -133,6 +133,8 @@ def test_cloud_tpu_vm_uses_jax_detection():
 @pytest.mark.parametrize("env,ids", [
     # One task per GPU (2 nodes x 8 tasks): jax's default, GPU SLURM_LOCALID.
     (dict(SLURM_NTASKS="16", SLURM_STEP_NUM_NODES="2", SLURM_GPUS_ON_NODE="8"), None),
+    # ... started with --gpus-per-task=1: each task sees only its own GPU.
+    (dict(SLURM_NTASKS="16", SLURM_STEP_NUM_NODES="2", CUDA_VISIBLE_DEVICES="5"), [0]),
     # One task per node: every GPU of the node.
     (dict(SLURM_NTASKS="2", SLURM_STEP_NUM_NODES="2", SLURM_GPUS_ON_NODE="8"), list(range(8))),
     (dict(SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="2", CUDA_VISIBLE_DEVICES="0,1,2,3"), [0, 1, 2, 3]),

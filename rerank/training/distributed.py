@@ -91,14 +91,18 @@ def initialize(env=None) -> str:
 def slurm_local_device_ids(env) -> list[int] | None:
   """The GPUs one SLURM task drives: None = jax's default (GPU `SLURM_LOCALID`, one per task).
 
-  With one task per node (`SLURM_NTASKS` == the step's nodes) the task takes every GPU the
+  With a task per GPU, jax's default, or device 0 when the task sees a single GPU. With one
+  task per node (`SLURM_NTASKS` == the step's nodes) the task takes every GPU the
   node gives it, counted from `CUDA_VISIBLE_DEVICES` or `SLURM_GPUS_ON_NODE`.
   `JAX_LOCAL_DEVICE_IDS=0,1,...` (read by jax) overrides both.
   """
-  nodes = _int(env, "SLURM_STEP_NUM_NODES", 0) or _int(env, "SLURM_JOB_NUM_NODES", 0)
-  if env.get("JAX_LOCAL_DEVICE_IDS") or nodes != _int(env, "SLURM_NTASKS", 1):
+  if env.get("JAX_LOCAL_DEVICE_IDS"):
     return None
   visible = env.get("CUDA_VISIBLE_DEVICES", "")
+  nodes = _int(env, "SLURM_STEP_NUM_NODES", 0) or _int(env, "SLURM_JOB_NUM_NODES", 0)
+  if nodes != _int(env, "SLURM_NTASKS", 1):
+    # A task per GPU. With --gpus-per-task=1 SLURM shows each task only its own GPU, device 0.
+    return [0] if visible.strip() and len(visible.split(",")) == 1 else None
   gpus = len(visible.split(",")) if visible.strip() else _int(env, "SLURM_GPUS_ON_NODE", 0)
   if not gpus:
     if env.get("JAX_PLATFORMS", "") != "cpu":
