@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from configs import demo
+from configs.paper import coco_joint
 from rerank.training import distributed
+from rerank.training import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
@@ -153,3 +155,21 @@ def test_bad_launch_variables_are_errors():
     distributed.detect({"RERANK_COORDINATOR": "h:1", "RERANK_NUM_PROCESSES": "2"})
   with pytest.raises(ValueError, match="SLURM_NTASKS: expected an integer; found 'x'"):
     distributed.detect({**SLURM, "SLURM_NTASKS": "x"})
+
+
+def test_a_batch_that_does_not_split_over_the_devices_stops_training_at_start_up(tmp_path):
+  r = subprocess.run(TRAIN + [f"--workdir={tmp_path / 'w'}", "--config.batch_size=12"],
+                     env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert ("config.batch_size: expected a multiple of 8 (batch axis 'data' of mesh "
+          "{'data': 8, 'model': 1} x grad_accum 1); found 12") in r.stderr
+  assert not (tmp_path / "w").exists()  # stopped before writing anything
+
+
+def test_paper_batch_fits_up_to_128_data_parallel_devices():
+  config = coco_joint.get_config()
+  assert config.batch_size == 128
+  assert not [p for p in validate.problems(config, num_devices=128, files=False) if "batch" in p]
+  assert ("config.batch_size: expected a multiple of 256 (batch axis 'data' of mesh "
+          "{'data': 256, 'model': 1} x grad_accum 1); found 128"
+          in validate.problems(config, num_devices=256, files=False))
