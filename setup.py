@@ -18,6 +18,8 @@ setuptools.setup(
         "flax>=0.12,<0.13",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # One path layer for local and gs:// workdirs (rerank/paths.py); orbax uses it too.
+        "etils[epath]>=1.7",
         "ml-collections>=1.0",
         "absl-py>=2.0",
         # Tokenizers and configs only: transformers 5.x ships no Flax models.
@@ -45,5 +47,8 @@ setuptools.setup(
         # wheels; needs only an NVIDIA driver) and Cloud TPU VMs (libtpu from PyPI).
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # gs:// workdirs and data dirs: etils.epath reads buckets through gcsfs; orbax and
+        # tensorboardX call google-cloud-storage directly.
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -21,6 +21,8 @@ LAYERS = {
     "rerank.inference": {"rerank.models", "rerank.data", "rerank.indexing", "rerank.training"},
     "rerank.evaluation": {"rerank.models", "rerank.data", "rerank.indexing", "rerank.inference"},
 }
+# rerank.paths (local and gs:// files through etils.epath) lies below every layer.
+LAYERS = {"rerank.paths": set(), **{k: v | {"rerank.paths"} for k, v in LAYERS.items()}}
 # Entry points (`python -m NAME`) that live inside a library sub-package.
 NESTED_ENTRY_POINTS = {"rerank.data.prepare", "rerank.data.benchmark"}
 
@@ -72,7 +74,7 @@ def _is_entry_point(module: str) -> bool:
   """Top-level modules of the package are commands (bar the package and rerank.cli)."""
   if module in NESTED_ENTRY_POINTS:
     return True
-  return module.count(".") == 1 and module != "rerank.cli"
+  return module.count(".") == 1 and module not in ("rerank.cli", "rerank.paths")
 
 
 def _cycles(graph) -> list[list[str]]:
