@@ -56,7 +56,8 @@ gcloud_() {
 # setting dir, venv, logs and w (the worker's index: TPU VM metadata, else the hostname's -w-N).
 ssh_() {
   local prelude="set -euo pipefail; dir=\"$remote_dir\"; venv=\"$venv\"; logs=\"$log_dir\"
-    w=\$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || hostname | sed 's/.*-w-//')"
+    md=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+    w=\$(curl -sf -H Metadata-Flavor:Google \$md/agent-worker-number || hostname | sed 's/.*-w-//')"
   gcloud_ compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_args[@]}" --worker="$1" \
     --command="$prelude
 $2"

@@ -69,7 +69,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
   _make_workdir(workdir)
   is_main, log = distributed.is_main(), distributed.log
   if is_main:
-    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
+    paths.write_text(paths.join(workdir, "config.json"),
+                     config.to_json_best_effort(indent=2) + "\n")
 
   # ---------------------------------------------------------------- input
   t0 = time.perf_counter()
@@ -249,7 +250,8 @@ def _make_workdir(path: str) -> None:
     raise validate.ConfigError("workdir: expected a directory path; found nothing")
   try:
     paths.make_dirs(path)  # a local directory or a gs:// bucket prefix
-    probe = paths.join(path, f".write_test.{os.getpid()}")  # several processes may probe at once
+    # Several processes, maybe on several hosts, probe at once.
+    probe = paths.join(path, f".write_test.{jax.process_index()}.{os.getpid()}")
     paths.write_text(probe, "")
     paths.remove(probe)
   except OSError as e:
