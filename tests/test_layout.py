@@ -25,6 +25,8 @@ LAYERS = {
     "rerank.evaluation": {"rerank.errors", "rerank.models", "rerank.data", "rerank.indexing",
                           "rerank.inference"},
 }
+# rerank.paths (local and gs:// files through etils.epath) lies below every layer.
+LAYERS = {"rerank.paths": set(), **{k: v | {"rerank.paths"} for k, v in LAYERS.items()}}
 # Entry points (`python -m NAME`) that live inside a library sub-package.
 NESTED_ENTRY_POINTS = {"rerank.data.prepare", "rerank.data.benchmark"}
 

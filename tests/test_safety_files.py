@@ -407,22 +407,7 @@ def test_config_json_write_error_keeps_the_old_one(tmp_path, monkeypatch):
   from rerank.training import workdir as workdir_lib
   path = tmp_path / "config.json"
   path.write_text('{"old": true}\n')
-
-  class Full:
-    def __init__(self, name, *args, **kwargs):
-      self.f = open(name, *args, **kwargs)
-
-    def __enter__(self):
-      return self
-
-    def __exit__(self, *exc):
-      self.f.close()
-
-    def write(self, text):
-      self.f.write(text[:10])  # a partial write, then the disk is full
-      raise OSError(28, "No space left on device")
-
-  monkeypatch.setattr(workdir_lib, "open", Full, raising=False)
+  monkeypatch.setattr(os, "replace", _no_space)  # the temp file written, then the disk is full
   with pytest.raises(errors.UserError) as e:
     workdir_lib.write_text(str(path), '{"new": true}\n')
   assert str(e.value) == f"{path}: cannot write it (No space left on device); it is unchanged"
@@ -441,7 +426,7 @@ def test_read_only_workdir_is_one_line(tmp_path, trained, monkeypatch, how):
   else:
     def read_only(*args, **kwargs):
       raise OSError(30, "Read-only file system")
-    monkeypatch.setattr(train, "open", read_only, raising=False)
+    monkeypatch.setattr(train.paths, "write_text", read_only)  # the workdir's write probe
   before = _snapshot(w)
   try:
     with pytest.raises(errors.UserError) as e:
@@ -482,7 +467,7 @@ def test_results_write_error_keeps_the_old_results(tmp_path, monkeypatch):
   results = {"dataset": "d", "split": "test", "num_images": 1, "num_texts": 1, "rows": []}
   evaluator.write_results(str(tmp_path), results)
   before = _snapshot(tmp_path)
-  monkeypatch.setattr(evaluator.os, "replace", _no_space)
+  monkeypatch.setattr(os, "replace", _no_space)
   with pytest.raises(OSError):
     evaluator.write_results(str(tmp_path), {**results, "split": "dev"})
   assert _snapshot(tmp_path) == before  # old results intact, no temp file

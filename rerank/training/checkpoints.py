@@ -10,27 +10,32 @@ directories (say best/3 written, checkpoints/3 still a temp directory). `prepare
 by the trainer only (it holds the workdir lock), settles them before training continues.
 """
 
-import glob
-import os
-import shutil
-
 import orbax.checkpoint as ocp
+
+from rerank import paths
 
 
 class Checkpoints:
   """The two managers of a workdir."""
 
   def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-    workdir = os.path.abspath(workdir)
+    workdir = paths.path(workdir)  # local (made absolute) or gs://
+    # Both managers may save the same step at once (the last step is often a dev-evaluation
+    # step too); orbax names its multi-process barriers by step ("_async_write_complete.6"),
+    # so each manager needs its own prefix or the second save's barrier collides and times out.
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True))
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="latest")))
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, "best"),
+        workdir / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m["dev_score"], best_mode="max",
-            enable_async_checkpointing=async_save, create=True))
+            enable_async_checkpointing=async_save, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")))
 
   def save(self, step: int, state) -> None:
     self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -48,9 +53,9 @@ class Checkpoints:
     calls it (deleting is collective); `remove_unfinished` on one of them.
     """
     for manager in (self.latest, self.best):
-      pattern = os.path.join(str(manager.directory), f"*{ocp.path.atomicity.TMP_DIR_SUFFIX}*")
-      for tmp in glob.glob(pattern) if remove_unfinished else ():
-        shutil.rmtree(tmp, ignore_errors=True)
+      pattern = f"*{ocp.path.atomicity.TMP_DIR_SUFFIX}*"
+      for tmp in manager.directory.glob(pattern) if remove_unfinished else ():
+        tmp.rmtree(missing_ok=True)
         log(f"warning: removed the unfinished checkpoint {tmp} (the run was killed mid-save)")
       manager.reload()
     start = self.latest.latest_step() or 0

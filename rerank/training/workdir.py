@@ -10,6 +10,8 @@ trainer calls, in this order:
     ...
     write_text(DIR/config.json, ...)  # temp file + rename: never half-written
 
+Local directories and gs:// buckets alike (rerank/paths.py), except that a bucket is not locked.
+
 Each problem is an `errors.UserError` of one line, raised before anything of the user's changes.
 """
 
@@ -19,6 +21,7 @@ import socket
 import time
 
 from rerank import errors
+from rerank import paths
 
 CONFIG = "config.json"
 LOCK = "train.lock"
@@ -38,12 +41,13 @@ def check_destination(workdir: str, flag: str = "--workdir") -> None:
   (a run killed before its config.json). A user's folder, `.` or a converted checkpoint (whose
   config.json is no training config) is refused: the trainer would overwrite and delete in it.
   """
-  if not os.path.lexists(workdir):
+  p = paths.path(workdir)
+  if not p.exists():
     return
-  if not os.path.isdir(workdir):
+  if not p.is_dir():
     raise errors.expected(f"{flag} {workdir!r}", "a directory", "a file")
-  entries = sorted(os.listdir(workdir))
-  if _is_training_config(os.path.join(workdir, CONFIG)):
+  entries = sorted(e.name for e in p.iterdir())
+  if _is_training_config(paths.join(workdir, CONFIG)):
     return
   # config.json is not ours here (checked above): a converted checkpoint's, say.
   others = [e for e in entries if e == CONFIG or (e not in OURS and not _is_our_temp(e))]
@@ -54,16 +58,15 @@ def check_destination(workdir: str, flag: str = "--workdir") -> None:
 
 def _is_training_config(path: str) -> bool:
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return False
   return isinstance(saved, dict) and {"mode", "model", "total_steps"} <= set(saved)
 
 
 def _is_our_temp(name: str) -> bool:
-  """Temp files our writers leave only when killed mid-write: `.NAME.tmp-PID`, `.write_test.PID`."""
-  return name.startswith(".") and any(name.startswith(f".{o}.tmp") for o in OURS + ("write_test",))
+  """Temp files our writers leave only when killed mid-write: `.NAME.*.tmp`, `.write_test.*`."""
+  return any(name.startswith(f".{o}.") for o in OURS + ("write_test",))
 
 
 def check_resumable(config, workdir: str) -> None:
@@ -72,12 +75,11 @@ def check_resumable(config, workdir: str) -> None:
   Compares the saved config.json's model, mode and vocabulary fields with `config`'s, so a
   resume with another model size fails in one line, before config.json is rewritten.
   """
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.isfile(path) or not _has_checkpoints(workdir):
+  path = paths.join(workdir, CONFIG)
+  if not paths.exists(path) or not _has_checkpoints(workdir):
     return  # nothing trained yet: any config may start here
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = _flat(json.load(f))
+    saved = _flat(json.loads(paths.read_text(path)))
   except (OSError, ValueError) as e:
     raise errors.expected(path, "the JSON config of the run that wrote the checkpoints",
                           f"unreadable JSON ({e})") from e
@@ -94,8 +96,8 @@ def check_resumable(config, workdir: str) -> None:
 
 def _has_checkpoints(workdir: str) -> bool:
   for sub in ("checkpoints", "best"):
-    d = os.path.join(workdir, sub)
-    if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
+    d = paths.path(workdir) / sub
+    if d.is_dir() and any(e.name.isdigit() for e in d.iterdir()):
       return True
   return False
 
@@ -111,20 +113,14 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `path` through a temp file in the same directory and a rename; UserError if it cannot.
+  """paths.write_text (temp file + rename), a failure as a UserError saying `path` is unchanged.
 
   A failed write (disk full, read-only) leaves `path` as it was and no temp file behind.
   """
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)
   except OSError as e:
     raise errors.UserError(f"{path}: cannot write it ({e.strerror or e}); it is unchanged") from e
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 class Lock:
@@ -132,12 +128,13 @@ class Lock:
 
   A second run on the same workdir fails with one line naming the owner. A lock whose owner
   died (same host, pid gone or reused) is taken over with a warning, so kill -9 never leaves a
-  workdir locked for good. Only the main process of a multi-process job takes it.
+  workdir locked for good. Only the main process of a multi-process job takes it; a bucket
+  workdir (gs://) is not locked, as object stores have no exclusive create.
   """
 
   def __init__(self, workdir: str, log=print, enabled: bool = True):
     self.path = os.path.join(workdir, LOCK)
-    self.log, self.enabled = log, enabled
+    self.log, self.enabled = log, enabled and not paths.is_remote(workdir)
     self.me = {"pid": os.getpid(), "host": socket.gethostname(),
                "started": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
