@@ -137,6 +137,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
     # dev score, a best checkpoint or a checkpoint to resume from.
     total, mined = config.total_steps, None
     t_last, s_last, checked = time.perf_counter(), start, start
+
     def make_batch(step, mined):
       """The batch of `step` (1-based), on the devices: a pure function of (seed, step, mined)."""
       batch = batches.train_batch(train, mode.batch_parts, config.batch_size, config.seed,
