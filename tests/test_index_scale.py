@@ -153,3 +153,9 @@ def test_each_process_builds_and_searches_its_own_shard(tmp_path):
     np.testing.assert_array_equal(got["ids"], want)
   np.testing.assert_array_equal(indexes.load(path)[0].search(queries, 12)[0], want)
   assert sorted(os.listdir(tmp_path)) == ["index", "out0.npz", "out1.npz"]  # no staging left
+
+
+def test_index_flag_rejects_a_target_outside_0_1():
+  from rerank import index  # noqa: PLC0415
+  with pytest.raises(ValueError, match=r"--target_recall: expected a recall in \[0, 1\]; found 1.5"):
+    index.build_index("unused", "unused", target_recall=1.5)
