@@ -29,6 +29,7 @@ from rerank import cli
 from rerank import paths
 from rerank.data import batches
 from rerank.data import datasets
+from rerank.data import prefetch
 from rerank.evaluation import evaluator
 from rerank.inference import engine
 from rerank.models import build
@@ -43,6 +44,7 @@ from rerank.training import steps
 from rerank.training import validate
 
 FLAGS = flags.FLAGS
+PREFETCH = 2  # batches made ahead of the step: enough to hide input that is faster than a step
 
 
 def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None:
@@ -136,25 +138,32 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
     # dev score, a best checkpoint or a checkpoint to resume from.
     total, mined = config.total_steps, None
     t_last, s_last, checked = time.perf_counter(), start, start
+
+    def make_batch(step, mined):
+      """The batch of `step` (1-based), on the devices: a pure function of (seed, step, mined)."""
+      batch = batches.train_batch(train, mode.batch_parts, config.batch_size, config.seed,
+                                  step - 1, mined, hn.ce_prob, hn.get("confuser_prob", 0.0),
+                                  ce_group, hn.get("be_negatives", 0), lazy=True)
+      # Rows and negatives are chosen for the global batch on every process alike; each
+      # process reads region features for its own devices' rows only.
+      return sharding.shard_batch(batch, layout.batch)
+
+    # Input runs PREFETCH steps ahead on a thread of each process (rerank/data/prefetch.py); a
+    # resumed run restarts it at its step, as batches need nothing but (seed, step, mined).
     with metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main) as writer, \
-        Preemption() as preemption:
+        Preemption() as preemption, prefetch.Feed(make_batch, total, PREFETCH) as feed:
       for step in range(start + 1, total + 1):
         if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0
                                                   or mined is None):
           # Mine for the rest of this window with the current BE (also right after a resume).
           window_end = step - 1 + hn.every - (step - 1 - hn.start) % hn.every
+          feed.close()  # its queued batches drew the old negatives; mining reads features too
           t0 = time.perf_counter()
           mined = mining.mine_window(local(state["params"]), train, config, step - 1,
                                      min(window_end, total) - (step - 1))
           log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
               f"({time.perf_counter() - t0:.1f}s)")
-        batch = batches.train_batch(train, mode.batch_parts, config.batch_size, config.seed,
-                                    step - 1, mined, hn.ce_prob, hn.get("confuser_prob", 0.0),
-                                    ce_group, hn.get("be_negatives", 0), lazy=True)
-        # Rows and negatives are chosen for the global batch on every process alike; each
-        # process reads region features for its own devices' rows only.
-        batch = sharding.shard_batch(batch, layout.batch)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, feed(step, mined))
 
         is_log = step % config.log_every == 0 or step == total
         is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
