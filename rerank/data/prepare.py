@@ -101,7 +101,7 @@ def main(argv):
                       FLAGS.skip_bad, FLAGS.overwrite, FLAGS.features, FLAGS.num_images,
                       FLAGS.seed)
   except common.BadInput as e:
-    hint = "" if e.kind == "missing_file" else " (--skip_bad skips such items and counts them)"
+    hint = "" if e.kind in common.FILE_KINDS else " (--skip_bad skips such items and counts them)"
     cli.fail(f"{e}{hint}; nothing was written")
   except (FileExistsError, RuntimeError, ValueError, OSError) as e:
     cli.fail(f"{e}; nothing was written")
