@@ -26,6 +26,7 @@ import tempfile
 import jax
 import numpy as np
 
+from rerank import errors
 from rerank.indexing import ranking
 
 BACKENDS = ("auto", "exact", "scann", "jax")
@@ -33,7 +34,7 @@ _META = "index.json"
 _SCORE_BLOCK = 1 << 26  # floats; bounds the [queries, N] score block of brute force (256 MB)
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(errors.UserError):
   """The saved index was built from another checkpoint or embedding size."""
 
 

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rerank import errors
 from rerank.models import encoder as encoder_lib
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError):
   """A checkpoint that cannot be converted; the message says which file/key and why."""
 
 

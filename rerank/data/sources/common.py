@@ -15,6 +15,8 @@ import unicodedata
 
 import numpy as np
 
+from rerank import errors
+
 FEATURE_DIM = 2048
 REGION_DIM = FEATURE_DIM + 6  # feature + [x1/W, y1/H, x2/W, y2/H, w/W, h/H]
 MAX_REGIONS = 100  # the detectors behind every release keep 10-100 boxes
@@ -29,7 +31,7 @@ KINDS = ("malformed_row", "bad_width", "non_finite", "bad_region_count", "duplic
 FILE_KINDS = ("missing_file", "bad_file")
 
 
-class BadInput(ValueError):
+class BadInput(errors.UserError):
   """One bad item in a source release: where it is (file:line, or file + id) and why."""
 
   def __init__(self, kind: str, where: str, reason: str):
