@@ -323,3 +323,29 @@ def test_an_overwrite_killed_between_its_renames_gets_the_old_dataset_back(tmp_p
   assert "already exists" in res.stderr and res.returncode == 2
   assert not old.exists()
   assert len(tfds_builders.open_split(str(data), "flickr30k_butd", "train")) == 2
+
+
+# ---- further probes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", "cut"])
+def test_broken_gz_caption_file_names_the_file(tmp_path, content):
+  import gzip  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "m30k"
+  _write(src / "image_splits" / "train.txt", "11\n")
+  _write(src / "feats.tsv", _row("11"))
+  whole = gzip.compress(b"a caption\n" * 50)
+  _write(src / "train.en.gz", whole[:len(whole) // 2] if content == "cut" else content, mode="wb")
+  data = tmp_path / "data"
+  _assert_one_error(_prepare("multi30k", src, data, "--splits=train",
+                             f"--features={src / 'feats.tsv'}"), "train.en.gz", "gzip",
+                    skippable=False)
+  _assert_nothing_left(data)
+
+
+@pytest.mark.parametrize("flag", ["--seed=-1", "--num_images=-3"])
+def test_negative_synthetic_flags_name_the_flag(tmp_path, flag):
+  res = _prepare("synthetic_scenes", "", tmp_path / "data", flag)
+  assert res.returncode == 2 and res.stderr.strip() == (
+      f"error: {flag.split('=')[0]}: expected an integer >= 0; found {flag.split('=')[1]}")
+  _assert_nothing_left(tmp_path / "data")

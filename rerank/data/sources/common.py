@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import unicodedata
+import zlib
 
 import numpy as np
 
@@ -127,9 +128,15 @@ def read_lines(path: str) -> list[str]:
 
   Raises BadInput naming the file and line for text in another encoding (latin-1, say).
   """
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  if path.endswith(".gz"):
+    try:
+      with gzip.open(path, "rb") as f:
+        data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, or cut short
+      raise BadInput("bad_file", path, f"expected a complete gzip file; found: {e}") from None
+  else:
+    with open(path, "rb") as f:
+      data = f.read()
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
