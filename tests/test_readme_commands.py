@@ -109,19 +109,19 @@ COMMANDS = {
     # Running at scale
     "python -m rerank.train --config=configs/demo.py:sharding=fsdp --workdir=DIR": Run(
         "python -m rerank.train --config=configs/demo.py:runlocal,sharding=fsdp --workdir={tmp}/w "
-        "--stop_after=2", "`runlocal`, 2 steps, 8 simulated devices", devices=8,
+        "--stop_after=2", "`runlocal`, 2 steps, 4 simulated devices", devices=4,
         says="rules fsdp", files=("{tmp}/w/checkpoints/2",)),
     "python -m rerank.train --config=configs/demo.py:sharding=tp --config.mesh.model=2 "
     "--workdir=DIR": Run(
         "python -m rerank.train --config=configs/demo.py:runlocal,sharding=tp "
         "--config.mesh.model=2 --workdir={tmp}/w --stop_after=2",
-        "`runlocal`, 2 steps, 8 simulated devices", devices=8, says="model: 2",
+        "`runlocal`, 2 steps, 4 simulated devices", devices=4, says="model: 2",
         files=("{tmp}/w/checkpoints/2",)),
     "python -m rerank.train --config=configs/demo.py --config.rules.embed=data "
     "--config.rules.mlp=model --config.mesh.model=2 --workdir=DIR": Run(
         "python -m rerank.train --config=configs/demo.py:runlocal --config.rules.embed=data "
         "--config.rules.mlp=model --config.mesh.model=2 --workdir={tmp}/w --stop_after=2",
-        "`runlocal`, 2 steps, 8 simulated devices", devices=8, says="model: 2",
+        "`runlocal`, 2 steps, 4 simulated devices", devices=4, says="model: 2",
         files=("{tmp}/w/checkpoints/2",)),
     "launch/local_multiprocess.sh 2 python -m rerank.train --config=configs/demo.py:runlocal "
     "--workdir=DIR": Run(
