@@ -140,6 +140,9 @@ def test_all_equal_scores_give_the_same_recalls_in_any_storage_order():
     assert row["t2i"] == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0}, row["method"]
     assert row["i2t"] == {"R@1": 0.0, "R@5": 0.0, "R@10": 0.0}, row["method"]
     assert row["ties"]["t2i"]["R@1"] == n_img * per and row["ties"]["i2t"]["R@10"] == n_img
+  table = evaluator.results_markdown(dict(dataset="x", split="test", num_images=n_img,
+                                          num_texts=n_img * per, rows=results[0]))
+  assert "joint BE t2i R@1: 24" in table and "joint RR i2t R@10: 12" in table
 
 
 def test_enlarged_corpus_with_ties_gives_the_same_recalls_in_any_storage_order():
@@ -179,6 +182,9 @@ def test_rr_on_a_corpus_smaller_than_k_clamps_and_records_k():
   assert rr["method"] == "RR" and rr["k"] == 20
   assert rr["k_effective"] == {"t2i": 3, "i2t": 6}
   assert rr["t2i"]["R@1"] == 100.0 and rr["i2t"]["R@1"] == 100.0
+  assert all(c == 0 for r in rows for d in r["ties"].values() for c in d.values())
+  assert "tie" not in evaluator.results_markdown(dict(dataset="x", split="test", num_images=3,
+                                                      num_texts=6, rows=rows))
 
 
 # ------------------------------------------------------------------ fusion

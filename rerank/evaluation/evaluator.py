@@ -303,7 +303,17 @@ def results_markdown(results: dict) -> str:
         f"| {t['R@1']:.1f} | {t['R@5']:.1f} | {t['R@10']:.1f} "
         f"| {i['R@1']:.1f} | {i['R@5']:.1f} | {i['R@10']:.1f} | {r['mR']:.1f} | {r['rsum']:.1f} "
         f"| {r['seconds_per_query']:.2e} | {r['queries']['t2i']}/{r['queries']['i2t']} |")
-  return head + "\n".join(lines) + "\n"
+  return head + "\n".join(lines) + "\n" + _ties_note(results["rows"])
+
+
+def _ties_note(rows) -> str:
+  """A line under the table naming the rows whose recalls a tie decided (else nothing)."""
+  tied = [f"{r['model']} {r['method']} {d} {c}: {n}" for r in rows
+          for d, counts in r.get("ties", {}).items() for c, n in counts.items() if n]
+  if not tied:
+    return ""
+  return ("\nQueries that miss only because a tie went against their relevant item (ties are "
+          "broken against it): " + ", ".join(tied) + "\n")
 
 
 def write_results(workdir: str, results: dict) -> str:
