@@ -18,6 +18,8 @@ setuptools.setup(
         "flax>=0.12,<0.13",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        # One path layer for local and gs:// workdirs (rerank/paths.py); orbax uses it too.
+        "etils[epath]>=1.7",
         "ml-collections>=1.0",
         "absl-py>=2.0",
         # Tokenizers and configs only: transformers 5.x ships no Flax models.
@@ -39,7 +41,16 @@ setuptools.setup(
         "test": ["pytest>=8", "chex>=0.1.87"],
         # Reads coco_oscar .pt files (rerank.data.prepare) and PyTorch .bin/.pth checkpoints
         # (rerank.convert, weights_only=True); the parity tests need it. A plain `torch` pulls a
-        # multi-GB CUDA build on most machines; keep it opt-in.
-        "torch": ["torch>=2.3"],
+        # multi-GB CUDA build on most machines; keep it opt-in. >= 2.10: older weights_only
+        # loaders can be made to run code (advisories for <= 2.5.1 and < 2.10); the readers
+        # check the version again at run time.
+        "torch": ["torch>=2.10"],
+        # Accelerator builds of the same jax line: NVIDIA GPUs (CUDA 12 and cuDNN from pip
+        # wheels; needs only an NVIDIA driver) and Cloud TPU VMs (libtpu from PyPI).
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # gs:// workdirs and data dirs: etils.epath reads buckets through gcsfs; orbax and
+        # tensorboardX call google-cloud-storage directly.
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

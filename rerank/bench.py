@@ -1,6 +1,8 @@
-r"""The efficiency claim, measured: per-query latency of BE, RR and CE-full by corpus size.
+r"""The efficiency claim, measured: per-query latency of BE, RR and CE-full by corpus size,
+and the paper's own cost tables (its Tables 3 and 4) on this device.
 
   python -m rerank.bench --out=DIR [--sizes=1000,10000,100000,1000000] [--model=tiny|base] [--quick]
+      [--nopaper] [--paper_budget=60]
 
 For each corpus size N (one run, one machine, all figures side by side):
 - BE: encode one text query + search the index (exact up to 20k items, ScaNN beyond).
@@ -17,8 +19,16 @@ unit vectors around N / 100 centres (at most 20k), each item a centre plus noise
 noisy copies of random corpus items (a caption near its image). The model has random weights
 (its cost does not depend on them); CE pairs read real synthetic_scenes inputs.
 
+The paper's tables, from the same run and model (rerank/evaluation/paper_costs.py says what each
+cell includes): Table 3, the latency of one query against 50k images, and Table 4, the time to
+evaluate MSCOCO 5k test (25,000 captions x 5,000 images), for BE, RR and CE, at the paper's input
+lengths (72 text tokens, 50 regions), beside the paper's figures (Table 4: one V100). They are
+the paper's model size with `--model=base`; smaller models run quickly on a CPU. Work that would
+take longer than --paper_budget seconds is scaled from a timed batch and starred.
+
 Writes DIR/bench.json (`rows`: N, method, seconds_per_query, measured; `index_rows`: N,
-recall_at_k, scann_seconds, exact_seconds), DIR/bench.md and DIR/bench.png (log-log).
+recall_at_k, scann_seconds, exact_seconds; `paper`: rows of table, method, seconds, measured,
+paper_seconds), DIR/bench.md and DIR/bench.png (log-log).
 """
 
 import dataclasses
@@ -34,6 +44,7 @@ import numpy as np
 from configs import demo
 from rerank import cli
 from rerank.data import datasets
+from rerank.evaluation import paper_costs
 from rerank.indexing import indexes as index_lib
 from rerank.inference import engine
 from rerank.inference import reranker as rerank_lib
@@ -51,6 +62,9 @@ def define_flags():
   flags.DEFINE_integer("queries", 0, "Queries per search timing (default 200; quick 50).")
   flags.DEFINE_integer("ce_max", 0, "Largest CE-full size measured (default 4096; quick 1024).")
   flags.DEFINE_integer("seed", 0, "Seed of the synthetic embeddings.")
+  flags.DEFINE_bool("paper", True, "Also measure the paper's Tables 3 and 4 (--nopaper: skip).")
+  flags.DEFINE_float("paper_budget", 60.0, "Paper tables: work expected to take longer than this "
+                     "many seconds is extrapolated from a timed batch instead of run in full.")
 
 
 def clustered_embeddings(n: int, dim: int, seed: int, spread: float = 1.0) -> np.ndarray:
@@ -74,15 +88,7 @@ def _queries_near(corpus: np.ndarray, q: int, seed: int, noise: float = 1.0) -> 
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _timed(fn, repeats: int = 3) -> float:
-  """Median wall seconds of fn() after one warm-up call (compilation excluded)."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+_timed = paper_costs.timed  # median after one untimed (compiling) call
 
 
 class _Model:
@@ -93,7 +99,8 @@ class _Model:
     if size == "base":  # the paper's input lengths: 70 wordpieces + 2, 50 regions
       c.max_text_len, c.max_regions = 72, 50
     tok = datasets.get_tokenizer(c)
-    self.model = build.build_model(c, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+    self.vocab = tok.get_vocab_size()
+    self.model = build.build_model(c, tok.token_to_id("[CLS]"), self.vocab)
     self.params = build.init_params(self.model, c, jax.random.PRNGKey(0))
     self.data, _ = datasets.load_split(c, "test", tok, 64)
     self.encoder = engine.DataScorer(engine.Engine(self.model, c.mode, 1, self.params))
@@ -122,9 +129,13 @@ class _Model:
 
 
 def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int, seed: int,
-        log=print) -> dict:
-  """Measures everything and returns the bench.json content (also written to out_dir)."""
-  m = _Model(model_size, k, pair_batch=min(256, ce_max))
+        log=print, paper_budget: float | None = 60.0) -> dict:
+  """Measures everything and returns the bench.json content (also written to out_dir).
+
+  `paper_budget`: seconds of work the paper tables may run in full (None: no paper tables).
+  """
+  pair_batch = min(256, ce_max)
+  m = _Model(model_size, k, pair_batch=pair_batch)
   dim = m.config.model.hidden_size
   enc = _timed(m.encode_one, 5)
   log(f"model {model_size} ({dim}-d): encode one query {enc * 1e3:.2f} ms")
@@ -180,6 +191,12 @@ def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int,
         f"CE {ce_full:.3f} s{'' if measured else ' (extrapolated)'} "
         f"[{time.perf_counter() - t0:.0f}s]", flush=True)
     corpus = exact = idx = scann = None  # free the large arrays before the next size
+  paper = None
+  if paper_budget is not None:
+    paper = paper_costs.to_json(
+        paper_costs.measure(m.model, m.config.mode, m.params, m.vocab, k, pair_batch,
+                            paper_budget, seed, log=log),
+        model=model_size, k=k, batch=pair_batch, budget_seconds=paper_budget)
   result = {
       "model": model_size, "dim": dim, "k": k, "queries": queries, "ce_measured_max": ce_max,
       "ce_seconds_per_pair": per_pair, "encode_seconds": enc,
@@ -188,6 +205,8 @@ def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int,
       "embeddings": "synthetic clustered unit vectors (N/100 centres, at most 20k; noise 0.5); "
                     "queries are noisy copies of corpus items",
       "rows": rows, "index_rows": index_rows}
+  if paper is not None:
+    result["paper"] = paper
   write(out_dir, result)
   return result
 
@@ -213,6 +232,8 @@ def markdown(res: dict) -> str:
     leaves = f"{r['leaves_to_search']}/{r['scann']['num_leaves']}{' (default)' * r['default']}"
     lines.append(f"| {r['N']} | {leaves} | {r['recall_at_k']:.3f} | {r['scann_seconds']:.2e} "
                  f"| {r['exact_seconds']:.2e} | {r['speedup']:.1f}x | {r['scann_build_seconds']:.1f} |")
+  if "paper" in res:
+    lines += ["", paper_costs.markdown(res["paper"]).rstrip("\n")]
   return "\n".join(lines) + "\n"
 
 
@@ -271,7 +292,10 @@ def main(argv):
   queries = FLAGS.queries or (50 if quick else 200)
   ce_max = FLAGS.ce_max or (1024 if quick else 4096)
   t0 = time.perf_counter()
-  res = run(FLAGS.out, sorted(sizes), FLAGS.model, FLAGS.k, queries, ce_max, FLAGS.seed)
+  if FLAGS.paper_budget < 0:
+    cli.fail(f"--paper_budget: expected seconds >= 0; found {FLAGS.paper_budget}")
+  res = run(FLAGS.out, sorted(sizes), FLAGS.model, FLAGS.k, queries, ce_max, FLAGS.seed,
+            paper_budget=FLAGS.paper_budget if FLAGS.paper else None)
   print("\n" + markdown(res))
   print(f"wrote {FLAGS.out}/bench.json, bench.md, bench.png in {time.perf_counter() - t0:.0f}s")
 

@@ -18,12 +18,18 @@ so every module of the package can be imported in one process without a flag cla
 library function under `main` can be called from Python with plain arguments.
 """
 
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from rerank import errors
+
+DEBUG_ENV = "RERANK_DEBUG"
 
 
 def fail(message: str, code: int = 2):
@@ -46,9 +52,31 @@ def define_config_flag():
 
 
 def run(main, define_flags) -> None:
-  """Defines the command's flags, then runs `main` under absl with one-line flag errors."""
+  """Defines the command's flags, then runs `main` under absl with one-line flag errors.
+
+  A `errors.UserError` escaping `main` is printed as one `error:` line with exit code 2; with
+  `--debug` or RERANK_DEBUG=1 its traceback is printed first.
+  """
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  if "debug" not in flags.FLAGS:
+    flags.DEFINE_bool("debug", False, f"Print the traceback of a user error too (or set {DEBUG_ENV}=1).")
+  app.run(lambda argv: _run_main(main, argv), flags_parser=parse_flags)
+
+
+def debugging() -> bool:
+  """True when the user asked for tracebacks: --debug, or RERANK_DEBUG set to anything but 0."""
+  if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    return True
+  return "debug" in flags.FLAGS and flags.FLAGS.is_parsed() and flags.FLAGS.debug
+
+
+def _run_main(main, argv):
+  try:
+    return main(argv)
+  except errors.UserError as e:
+    if debugging():
+      traceback.print_exc()
+    fail(str(e))
 
 
 def load_config():

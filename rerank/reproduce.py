@@ -1,15 +1,18 @@
-r"""`python -m rerank.reproduce`: the paper's tables from trained workdirs.
+r"""`python -m rerank.reproduce`: the paper's tables from trained workdirs, beside its numbers.
 
   python -m rerank.reproduce --list
   python -m rerank.reproduce --table=flickr30k \
       --workdirs=be=workdirs/flickr30k_be,joint=workdirs/flickr30k_joint [--out=tables/flickr30k]
 
-`--workdirs` maps a row's config key (be, ce, separate, joint, joint_ance) to a workdir holding
-results.json, or to a results JSON file (COCO 1k and 5k come from one trained workdir
-evaluated twice; see docs/REPRODUCE.md). Rows without a run, or whose run lacks the method,
-are printed as "missing". With `--out=PREFIX`, PREFIX.md and PREFIX.csv are written
-atomically; without it the markdown goes to stdout. The tables themselves (rows, configs,
-reference numbers) are data in rerank/evaluation/paper_tables.py.
+`--workdirs` maps a row's key (be, ce, separate, joint, joint_ance; k10, ...; en, ...) to a
+workdir holding results.json, or to a results JSON file (COCO 1k and 5k come from one trained
+workdir evaluated twice; see docs/REPRODUCE.md). Rows without a run, or whose run lacks the
+method, are printed as "missing". Every metric column has a reference column (the published
+value) and a delta column (ours minus it); `ref source` names the paper table or the authors'
+release each published value comes from, and a cell with no published value says "missing".
+With `--out=PREFIX`, PREFIX.md and PREFIX.csv are written atomically; without it the markdown
+goes to stdout. The tables (rows, configs) are data in rerank/evaluation/paper_tables.py, the
+published values in rerank/evaluation/paper_numbers.py.
 """
 
 import csv
@@ -20,13 +23,16 @@ import os
 from absl import flags
 
 from rerank import cli
+from rerank.evaluation import paper_numbers
 from rerank.evaluation import paper_tables
 
 FLAGS = flags.FLAGS
 METRICS = [("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"),
            ("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10")]
-COLUMNS = ["row", "method", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10",
-           "mR", "s/query", "reference", "difference", "split", "source"]
+# Each metric, then its published value and our difference from it.
+CELLS = [f"{d} {k}" for d, k in METRICS] + ["mR"]
+COLUMNS = (["row", "method"] + [c for cell in CELLS for c in (cell, f"{cell} ref", f"{cell} delta")]
+           + ["s/query", "ref source", "split", "source"])
 
 
 def define_flags():
@@ -67,7 +73,7 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
   if table not in paper_tables.TABLES:
     raise ValueError(f"--table: expected one of {sorted(paper_tables.TABLES)}; found {table!r}")
   rows = paper_tables.TABLES[table][1]
-  keys = {r.label.split()[0] for r in rows}
+  keys = {r.key for r in rows}
   unknown = sorted(set(runs) - keys)
   if unknown:
     raise ValueError(f"--workdirs: unknown row key(s) {unknown}; expected some of {sorted(keys)}")
@@ -84,50 +90,81 @@ def collect(table: str, runs: dict[str, dict]) -> list[dict]:
                        f"(python -m rerank.evaluate ... --config.eval.split={split})")
   out = []
   for row in rows:
-    results = runs.get(row.label.split()[0])
+    results = runs.get(row.key)
     found = None
     if results is not None:
       found = next((r for r in results["rows"] if r.get("method") == row.method), None)
       if row.language and results.get("language") != row.language:
-        raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} has queries in "
+        raise ValueError(f"--workdirs {row.key}: {results['_source']} has queries in "
                          f"language {results.get('language')!r}; row needs {row.language!r} "
                          f"(rerank.evaluate ... --config.dataset.language={row.language})")
       if found is not None and row.k is not None and found.get("k") != row.k:
-        raise ValueError(f"--workdirs {row.label.split()[0]}: {results['_source']} reranked "
+        raise ValueError(f"--workdirs {row.key}: {results['_source']} reranked "
                          f"k={found.get('k')}; row needs k={row.k} "
                          f"(python -m rerank.evaluate ... --config.eval.k={row.k})")
+      if found is not None and row.fusion is not None and run_fusion(found) != row.fusion:
+        raise ValueError(f"--workdirs {row.key}: {results['_source']} fused scores as "
+                         f"{run_fusion(found)}; row needs {row.fusion} "
+                         f"(python -m rerank.evaluate --config={row.config} ...)")
     out.append({"row": row, "metrics": found,
                 "split": results.get("split") if results else None,
                 "source": results["_source"] if results else None})
   return out
 
 
+def run_fusion(row: dict) -> tuple[str, float]:
+  """(mode, weight) a results.json RR row was reranked with (its "fusion": {"mode", "weight"});
+  a row without one predates fusion modes, so the CE alone ("standard", whose weight is unused)."""
+  fusion = row.get("fusion") or {}
+  mode = fusion.get("mode", "standard")
+  if mode in ("standard", "ce"):
+    return "standard", 0.0
+  return mode, float(fusion.get("weight", 0.0))
+
+
 def _fmt(x, spec=".1f"):
   return "missing" if x is None else format(x, spec)
 
 
+def _value(metrics: dict | None, cell: str) -> float | None:
+  """Our value of a CELLS entry ("t2i R@1", "mR") in a results.json row, or None."""
+  if metrics is None:
+    return None
+  if cell == "mR":
+    return metrics["mR"]
+  direction, k = cell.split()
+  return metrics[direction][k]
+
+
+def reference_sources(row: paper_tables.Row) -> str:
+  """"paper Table 1 (t2i R@1, i2t R@1); ..." for a row's published cells, or "missing"."""
+  by_source = {}
+  for cell, ref in row.reference.items():
+    by_source.setdefault(ref.source, []).append(cell)
+  return "; ".join(f"{src} ({', '.join(cells)})" for src, cells in by_source.items()) or "missing"
+
+
 def render(table: str, collected: list[dict]) -> tuple[str, str]:
   """(markdown, csv) of a collected table; missing numbers are the word "missing"."""
-  lines = []
+  lines, used = [], set()
   for entry in collected:
     row, m = entry["row"], entry["metrics"]
-    values = [m[d][k] if m else None for d, k in METRICS]
-    ref = row.reference_t2i
-    diff = None
-    if ref and m:
-      diff = "t2i " + "/".join(f"{values[i] - ref[i]:+.1f}" for i in range(3))
-    ref_text = "t2i " + "/".join(f"{x:.1f}" for x in ref) if ref else None
-    if row.reference_mr is not None:
-      ref_text = f"mR {row.reference_mr:.1f}"
-      diff = f"mR {m['mR'] - row.reference_mr:+.1f}" if m else None
-    lines.append([row.label.split()[0], row.method, *[_fmt(v) for v in values],
-                  _fmt(m["mR"] if m else None), _fmt(m["seconds_per_query"] if m else None, ".2e"),
-                  ref_text or "-", diff if diff else ("missing" if ref_text else "-"),
+    cells = []
+    for cell in CELLS:
+      ours, ref = _value(m, cell), row.reference.get(cell)
+      delta = ours - ref.value if ours is not None and ref is not None else None
+      cells += [_fmt(ours), _fmt(ref and ref.value), _fmt(delta, "+.1f")]
+    used.update(ref.source for ref in row.reference.values())
+    lines.append([row.key, row.method, *cells,
+                  _fmt(m["seconds_per_query"] if m else None, ".2e"), reference_sources(row),
                   entry["split"] or "missing", entry["source"] or "missing"])
   title = paper_tables.TABLES[table][0]
   md = [f"{title} (table {table}, split {table_split(table)})", "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   md += ["| " + " | ".join(cells) + " |" for cells in lines]
+  md += ["", "ref: the published value; delta: ours minus ref; missing: not published (or not "
+         "run). Published values:" if used else "No published value for this table."]
+  md += [f"- {src}: {paper_numbers.SOURCES[src]}" for src in sorted(used)]
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow(COLUMNS)
@@ -135,17 +172,35 @@ def render(table: str, collected: list[dict]) -> tuple[str, str]:
   return "\n".join(md) + "\n", buf.getvalue()
 
 
+def _published_text(row: paper_tables.Row) -> str:
+  """"t2i R@1 54.7, i2t R@1 70.8 [paper Table 1]; ..." for a row's published cells."""
+  by_source = {}
+  for cell, ref in row.reference.items():
+    by_source.setdefault(ref.source, []).append(f"{cell} {ref.value:g}")
+  return "; ".join(f"{', '.join(cells)} [{src}]" for src, cells in by_source.items())
+
+
 def list_tables() -> str:
+  """Every table, its rows' configs and published values with their sources; then the cost
+  tables that `rerank.bench` measures."""
   out = []
   for name, (title, rows) in paper_tables.TABLES.items():
+    sources = sorted({ref.source for r in rows for ref in r.reference.values()})
     out.append(f"{name}: {title}")
+    out.append(f"  published: {'; '.join(sources) if sources else 'none recovered (missing)'}")
     for r in rows:
-      ref = ("  ref t2i " + "/".join(f"{x:.1f}" for x in r.reference_t2i)
-             if r.reference_t2i else "")
-      ref += f"  ref mR {r.reference_mr:.1f}" if r.reference_mr is not None else ""
       where = (f"  evaluated on {r.eval_dataset or 'its dataset'} / {r.eval_split or 'its split'}"
                if r.eval_dataset or r.eval_split else "")
+      ref = f"  ref {_published_text(r)}" if r.reference else ""
       out.append(f"  {r.label:<16} {r.config}{where}{ref}")
+  out.append("cost (printed by python -m rerank.bench beside its measurements, seconds):")
+  for what, table in (("latency per query, 50k images", paper_numbers.LATENCY_50K),
+                      ("evaluate MSCOCO 5k test", paper_numbers.EVAL_COCO5K)):
+    source = next(iter(table.values())).source
+    values = ", ".join(f"{m} {p.value:g}" for m, p in table.items())
+    out.append(f"  {what}: {values} [{source}]")
+  out.append("sources:")
+  out += [f"  {key}: {text}" for key, text in paper_numbers.SOURCES.items()]
   return "\n".join(out) + "\n"
 
 

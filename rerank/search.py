@@ -34,16 +34,18 @@ def main(argv):
     cli.fail("--index is required (a directory written by python -m rerank.index)")
   queries = FLAGS.query or []
   if not queries or any(not q.strip() for q in queries):
-    cli.fail(f"--query: expected a non-empty text; found {queries!r}")
+    cli.fail(f"--query: expected a non-empty text; found {retriever.shorten(queries)}")
   if FLAGS.k is not None and FLAGS.k < 1:
     cli.fail(f"--k: expected >= 1; found {FLAGS.k}")
+  if FLAGS.show < 1:
+    cli.fail(f"--show: expected >= 1; found {FLAGS.show}")
   try:
     r = retriever.Retriever.load(FLAGS.index, FLAGS.checkpoint)
     results = r.search(queries, k=FLAGS.k, rerank=FLAGS.rerank)
   except (FileNotFoundError, index_lib.IndexMismatchError, ValueError) as e:
     cli.fail(str(e))
   for query, hits in zip(queries, results):
-    print(f"\nquery: {query!r}  ({len(hits)} of {r.index.size} images"
+    print(f"\nquery: {retriever.shorten(query)}  ({len(hits)} of {r.index.size} images"
           f"{', CE reranked' if FLAGS.rerank else ''})")
     print(f"{'rank':>4} {'row':>6} {'image_id':>9} {'BE cos':>7} {'CE':>8}  caption")
     for h in hits[:FLAGS.show]:

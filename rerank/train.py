@@ -26,6 +26,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from rerank import cli
+from rerank import paths
 from rerank.data import batches
 from rerank.data import datasets
 from rerank.evaluation import evaluator
@@ -68,8 +69,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
   _make_workdir(workdir)
   is_main, log = distributed.is_main(), distributed.log
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2) + "\n")
+    paths.write_text(paths.join(workdir, "config.json"),
+                     config.to_json_best_effort(indent=2) + "\n")
 
   # ---------------------------------------------------------------- input
   t0 = time.perf_counter()
@@ -248,11 +249,11 @@ def _make_workdir(path: str) -> None:
   if not path:
     raise validate.ConfigError("workdir: expected a directory path; found nothing")
   try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test.{os.getpid()}")  # several processes may probe at once
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
+    paths.make_dirs(path)  # a local directory or a gs:// bucket prefix
+    # Several processes, maybe on several hosts, probe at once.
+    probe = paths.join(path, f".write_test.{jax.process_index()}.{os.getpid()}")
+    paths.write_text(probe, "")
+    paths.remove(probe)
   except OSError as e:
     raise validate.ConfigError(f"cannot create or write workdir {path!r}: {e.strerror or e}") from e
 
@@ -281,9 +282,10 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   try:
-    distributed.initialize()  # before any device is touched
+    kind = distributed.initialize()  # before any device is touched
   except ValueError as e:
     cli.fail(str(e))
+  distributed.log(distributed.describe(kind), flush=True)
   config = cli.load_config()
   try:
     train_and_evaluate(config, FLAGS.workdir, stop_after=FLAGS.stop_after)

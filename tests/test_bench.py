@@ -1,5 +1,6 @@
 """rerank.bench end to end on tiny sizes: the JSON holds every row, flags extrapolation, and
-its ScaNN recall is computed against exact search (content checked, never timings)."""
+its ScaNN recall is computed against exact search; the paper's Tables 3 and 4 sit beside the
+published figures (content checked, never timings)."""
 
 import json
 import os
@@ -7,8 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from rerank import bench
+from rerank.evaluation import paper_costs
+from rerank.evaluation import paper_numbers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +31,8 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run(
       [sys.executable, "-m", "rerank.bench", f"--out={out}", "--sizes=300,2000", "--k=5",
-       "--queries=20", "--ce_max=400"], env=env, cwd=REPO, capture_output=True, text=True)
+       "--queries=20", "--ce_max=400", "--paper_budget=0"], env=env, cwd=REPO,
+      capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-2000:]
   with open(out / "bench.json") as f:
     result = json.load(f)
@@ -54,6 +59,23 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
   assert index_rows[0]["recall_at_k"] >= index_rows[-1]["recall_at_k"] - 0.05
   table = (out / "bench.md").read_text()
   assert "| 2000 |" in table and "*" in table  # the extrapolated CE is starred
+  # The paper's Tables 3 and 4 from the same run, beside its figures. Budget 0: every batched
+  # workload larger than one batch (here all but the single query's) is extrapolated.
+  paper = result["paper"]
+  assert (paper["model"], paper["k"], paper["text_len"], paper["regions"]) == ("tiny", 5, 72, 50)
+  cells = {(r["table"], r["method"]): r for r in paper["rows"]}
+  assert set(cells) == {(t, m) for t in ("3", "4") for m in ("BE", "RR", "CE")}
+  for (number, method), r in cells.items():
+    published = {"3": paper_numbers.LATENCY_50K, "4": paper_numbers.EVAL_COCO5K}[number][method]
+    assert r["paper_seconds"] == published.value and r["seconds"] > 0
+    assert r["measured"] == ((number, method) in (("3", "BE"), ("3", "RR"))), r
+  parts = {name: p["seconds"] for name, p in paper["parts"].items()}
+  np.testing.assert_allclose(cells[("3", "RR")]["seconds"], cells[("3", "BE")]["seconds"]
+                             + parts["rerank 5 pairs"], rtol=1e-9)
+  np.testing.assert_allclose(cells[("4", "RR")]["seconds"], cells[("4", "BE")]["seconds"]
+                             + parts["150000 RR pairs"], rtol=1e-9)
+  assert "| 3 | latency per query, 50000 images | RR |" in table
+  assert "| 4 | evaluate MSCOCO 5k test (25000 x 5000) | CE |" in table and "| 50.0 h |" in table
   png = (out / "bench.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temp files left
@@ -64,3 +86,41 @@ def test_bench_cli_rejects_bad_sizes(tmp_path):
   res = subprocess.run([sys.executable, "-m", "rerank.bench", f"--out={tmp_path}", "--sizes=10,abc"],
                        env=env, cwd=REPO, capture_output=True, text=True)
   assert res.returncode != 0 and "error: --sizes" in res.stderr
+
+
+class _Clock:
+  """A fake perf_counter: each call of the timed function advances it by its cost."""
+
+  def __init__(self):
+    self.now, self.calls = 0.0, []
+
+  def __call__(self):
+    return self.now
+
+  def run(self, n, compile_seconds=10.0, per_item=0.5):
+    self.now += n * per_item + (compile_seconds if not self.calls else 0.0)
+    self.calls.append(n)
+
+
+def test_timings_leave_out_the_compiling_call(monkeypatch):
+  clock = _Clock()
+  monkeypatch.setattr(paper_costs.time, "perf_counter", clock)
+  # One untimed call (it compiles), then the median of the steady ones.
+  assert paper_costs.timed(lambda: clock.run(1), repeats=3) == 0.5
+  assert clock.calls == [1, 1, 1, 1]
+
+
+# 10 items in batches of 4; `run` costs 0.5 s an item (plus 10 s the first, compiling call).
+# A batch takes 2 s, so the estimate is ceil(10 / 4) = 3 padded batches, 6 s: within a budget of
+# 100 s the whole is run once (5 s), beyond it the estimate stands, marked extrapolated.
+@pytest.mark.parametrize("budget, want, calls", [
+    (0.0, paper_costs.Cell(6.0, False), [4, 4, 4]),
+    (100.0, paper_costs.Cell(5.0, True), [4, 4, 4, 10])])
+def test_workloads_run_in_full_within_budget_else_scale_a_batch(monkeypatch, budget, want, calls):
+  clock = _Clock()
+  monkeypatch.setattr(paper_costs.time, "perf_counter", clock)
+  per_batch = paper_costs.timed(lambda: clock.run(4), 2)
+  assert per_batch == 2.0
+  assert paper_costs._workload(clock.run, 10, 4, per_batch, budget) == want
+  assert clock.calls == calls
+  assert paper_costs._workload(clock.run, 3, 4, per_batch, budget) == paper_costs.Cell(2.0, True)

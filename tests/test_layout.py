@@ -13,14 +13,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "rerank")
 
 # Library sub-packages and the sub-packages each may import (besides itself).
+# rerank.errors (the user-error type) sits below them all; every layer may raise it.
 LAYERS = {
-    "rerank.models": set(),
-    "rerank.data": set(),
-    "rerank.indexing": set(),
-    "rerank.training": {"rerank.models", "rerank.data", "rerank.indexing"},
-    "rerank.inference": {"rerank.models", "rerank.data", "rerank.indexing", "rerank.training"},
-    "rerank.evaluation": {"rerank.models", "rerank.data", "rerank.indexing", "rerank.inference"},
+    "rerank.errors": set(),
+    "rerank.models": {"rerank.errors"},
+    "rerank.data": {"rerank.errors"},
+    "rerank.indexing": {"rerank.errors"},
+    "rerank.training": {"rerank.errors", "rerank.models", "rerank.data", "rerank.indexing"},
+    "rerank.inference": {"rerank.errors", "rerank.models", "rerank.data", "rerank.indexing",
+                         "rerank.training"},
+    "rerank.evaluation": {"rerank.errors", "rerank.models", "rerank.data", "rerank.indexing",
+                          "rerank.inference"},
 }
+# rerank.paths (local and gs:// files through etils.epath) lies below every layer.
+LAYERS = {"rerank.paths": set(), **{k: v | {"rerank.paths"} for k, v in LAYERS.items()}}
 # Entry points (`python -m NAME`) that live inside a library sub-package.
 NESTED_ENTRY_POINTS = {"rerank.data.prepare", "rerank.data.benchmark"}
 
@@ -69,10 +75,10 @@ def _layer(module: str) -> str | None:
 
 
 def _is_entry_point(module: str) -> bool:
-  """Top-level modules of the package are commands (bar the package and rerank.cli)."""
+  """Top-level modules of the package are commands (bar the package, rerank.cli and the layers)."""
   if module in NESTED_ENTRY_POINTS:
     return True
-  return module.count(".") == 1 and module != "rerank.cli"
+  return module.count(".") == 1 and module != "rerank.cli" and module not in LAYERS
 
 
 def _cycles(graph) -> list[list[str]]:

@@ -5,10 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from rerank.training import distributed
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import step_worker  # noqa: E402
@@ -37,23 +33,6 @@ def test_two_processes_of_four_devices_equal_one_device(tmp_path):
   ref = step_worker.build_step()
   step_worker.run_layout("ref", *ref, out)
   step_worker.assert_same_step(out, "fsdp_tp")
-
-
-@pytest.mark.parametrize("env,kind", [
-    ({}, "single"),
-    ({"RERANK_COORDINATOR": "h:1", "RERANK_NUM_PROCESSES": "2", "RERANK_PROCESS_ID": "1"}, "explicit"),
-    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, "tpu"),
-    ({"TPU_WORKER_HOSTNAMES": "localhost"}, "single"),  # a single-host TPU VM needs no set-up
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, "slurm"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "single"),
-])
-def test_launch_environment_detection(env, kind):
-  assert distributed.detect(env) == kind
-
-
-def test_incomplete_explicit_launch_is_an_error():
-  with pytest.raises(ValueError, match="RERANK_PROCESS_ID"):
-    distributed.detect({"RERANK_COORDINATOR": "h:1", "RERANK_NUM_PROCESSES": "2"})
 
 
 def test_launcher_usage_error():

@@ -16,8 +16,12 @@ from rerank import reproduce
 from rerank.evaluation import paper_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "paper", "*.py"))
-                 if os.path.basename(p) not in ("__init__.py", "common.py"))
+ALL_CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "paper", "*.py"))
+                     if os.path.basename(p) not in ("__init__.py", "common.py"))
+# Table 9's fusion rows re-evaluate the flickr30k joint workdir; the others are training rows.
+FUSION_CONFIGS = sorted(os.path.join(REPO, config)
+                        for config, _ in paper_tables.FUSION_ROWS.values())
+CONFIGS = [p for p in ALL_CONFIGS if p not in FUSION_CONFIGS]
 # The authors' released settings per method: (mode, lr, steps, ANCE).
 AUTHORS = {
     "be": ("be", 2e-5, 30_000, False),
@@ -57,6 +61,7 @@ def test_every_method_and_dataset_has_a_config():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
   expected = {f"{d}_{m}" for d, methods in paper_tables.DATASET_METHODS.items() for m in methods}
   assert names == expected
+  assert all(os.path.exists(p) for p in FUSION_CONFIGS) and len(FUSION_CONFIGS) == 3
   for _, (_, rows) in paper_tables.TABLES.items():
     for row in rows:
       assert os.path.exists(os.path.join(REPO, row.config.partition(":")[0])), row
@@ -152,15 +157,23 @@ def test_reproduce_renders_missing_runs_and_reference_differences(tmp_path):
   assert len(rows) == len(paper_tables.TABLES["flickr30k"][1])
   assert rows[("joint", "RR")]["t2i R@1"] == "77.0"
   assert rows[("joint", "RR")]["i2t R@10"] == "93.0"
-  assert rows[("joint", "RR")]["reference"] == "t2i 76.4/93.6/96.2"
-  assert rows[("joint", "RR")]["difference"] == "t2i +0.6/-6.6/-4.2"
-  assert rows[("joint", "BE")]["difference"] == "t2i -1.6/-11.5/-10.0"
+  # Each metric has its published value (ref) and our difference (delta), or "missing".
+  joint_rr = rows[("joint", "RR")]
+  assert [joint_rr[f"t2i R@{k} ref"] for k in (1, 5, 10)] == ["76.4", "93.6", "96.2"]
+  assert [joint_rr[f"t2i R@{k} delta"] for k in (1, 5, 10)] == ["+0.6", "-6.6", "-4.2"]
+  assert joint_rr["i2t R@1 ref"] == joint_rr["i2t R@1 delta"] == "missing"  # not published
+  assert joint_rr["ref source"] == "authors' release (t2i R@1, t2i R@5, t2i R@10)"
+  joint_be = rows[("joint", "BE")]  # Flickr30k Joint+BE: no published cell
+  assert joint_be["t2i R@1"] == "70.0" and joint_be["t2i R@1 ref"] == "missing"
+  assert joint_be["t2i R@1 delta"] == "missing" and joint_be["ref source"] == "missing"
   assert rows[("be", "BE")]["mR"] == f"{(60 + 70 + 75 + 61 + 71 + 76) / 6:.1f}"
   assert float(rows[("be", "BE")]["s/query"]) == pytest.approx(0.002)
   for key in (("ce", "CE"), ("separate", "RR"), ("joint_ance", "BE")):  # no run: no numbers
     values = [v for k, v in rows[key].items() if k not in ("row", "method")]
     assert set(values) <= {"missing", "-"}, rows[key]
-  assert "| joint | RR | 77.0 |" in md and "| ce | CE | missing |" in md
+  assert "| joint | RR | 77.0 | 76.4 | +0.6 | 87.0 | 93.6 | -6.6 |" in md
+  assert "| ce | CE | missing | missing | missing |" in md
+  assert "- authors' release: UKPLab/MMT-Retrieval README" in md
   # A run without the row's method is missing too (a BE-only run has no RR).
   rows = reproduce.collect("flickr30k", {"separate": reproduce.load_run(be)})
   assert [r["metrics"] is None for r in rows if r["row"].label.startswith("separate")] == [
@@ -192,19 +205,40 @@ def test_reproduce_cli_lists_and_writes_atomically(tmp_path):
   assert r.returncode == 0, r.stderr
   for table in paper_tables.TABLES:
     assert f"{table}: " in r.stdout
+  # Published values with their sources, and which tables have none.
+  assert "k10 RR" in r.stdout and "ref t2i R@1 54.8, i2t R@1 70.9 [paper Table 8]" in r.stdout
+  assert "ref t2i R@1 76.7 [paper Table 9]" in r.stdout
+  assert "published: none recovered (missing)" in r.stdout
+  assert "latency per query, 50k images: BE 0.016, RR 0.074, CE 120 [paper Table 3]" in r.stdout
+  assert "paper Table 4: Geigle et al. 2022, Table 4" in r.stdout
   run = _write(tmp_path, "j", _results("coco_oscar", "test1k", [("BE", 70.0), ("RR", 75.0)]))
   out = tmp_path / "tables" / "coco1k"
   r = _run("rerank.reproduce", "--table=coco1k", f"--workdirs=joint={run}", f"--out={out}")
   assert r.returncode == 0, r.stderr
   assert "| joint | RR | 75.0 |" in (tmp_path / "tables" / "coco1k.md").read_text()
   assert sorted(os.listdir(tmp_path / "tables")) == ["coco1k.csv", "coco1k.md"]
+  # Table 1's R@1 (both directions) and the release's R@5/R@10 beside a 5k run, with sources.
+  five_k = _write(tmp_path, "j5k", _results("coco_oscar", "test", [("BE", 50.0), ("RR", 55.0)]))
+  r = _run("rerank.reproduce", "--table=coco5k", f"--workdirs=joint={five_k}")
+  assert r.returncode == 0, r.stderr
+  header = next(line for line in r.stdout.splitlines() if line.startswith("| row |"))
+  assert "| t2i R@1 | t2i R@1 ref | t2i R@1 delta | t2i R@5 |" in header
+  assert "| ref source |" in header
+  # ours 55.0 / 65.0 / 70.0 (t2i), 56.0 (i2t R@1) against 54.7 / 81.3 / 88.9 and 70.8.
+  assert ("| joint | RR | 55.0 | 54.7 | +0.3 | 65.0 | 81.3 | -16.3 | 70.0 | 88.9 | -18.9 "
+          "| 56.0 | 70.8 | -14.8 | 66.0 | missing | missing |") in r.stdout
+  assert "paper Table 1 (t2i R@1, i2t R@1); authors' release (t2i R@5, t2i R@10)" in r.stdout
+  assert "| ce | CE | missing | 52.6 | missing |" in r.stdout
+  assert "- paper Table 1: Geigle et al. 2022, Table 1" in r.stdout
   r = _run("rerank.reproduce", "--table=coco5k", f"--workdirs=joint={run}", f"--out={out}x")
   assert r.returncode != 0 and r.stderr.startswith("error:") and "test1k" in r.stderr
   assert not os.path.exists(f"{out}x.md")
 
 
-# Every paper config's runlocal variant trains, so a config that rots fails CI.
-@pytest.mark.parametrize("name", [os.path.basename(p)[:-3] for p in CONFIGS])
+# Every paper config's runlocal variant trains, so a config that rots fails CI (of the fusion
+# rows, which train like flickr30k_joint, one: its evaluation reranks with a weighted fusion).
+@pytest.mark.parametrize("name", [os.path.basename(p)[:-3] for p in CONFIGS + [
+    f for f in FUSION_CONFIGS if f.endswith("_w01.py")]])
 def test_runlocal_variant_trains(tmp_path, name):
   r = _run("rerank.train", f"--config=configs/paper/{name}.py:runlocal",
            f"--workdir={tmp_path}", "--config.total_steps=2")
@@ -220,6 +254,17 @@ def test_k_ablation_rows_check_the_rerank_depth(tmp_path):
   assert [r["metrics"] is not None for r in rows] == [False, True, False, False]
   with pytest.raises(ValueError, match="row needs k=50"):
     reproduce.collect("flickr30k_k", {"k50": k20})
+  # MSCOCO 5k: Table 8's R@1 beside each k.
+  coco = _results("coco_oscar", "test", [("RR", 55.0)])
+  coco["rows"][0]["k"] = 10
+  k10 = reproduce.load_run(_write(tmp_path, "coco_k10", coco))
+  _, table_csv = reproduce.render("coco5k_k", reproduce.collect("coco5k_k", {"k10": k10}))
+  rows = {r["row"]: r for r in csv.DictReader(io.StringIO(table_csv))}
+  assert (rows["k10"]["t2i R@1 ref"], rows["k10"]["t2i R@1 delta"]) == ("54.8", "+0.2")
+  assert (rows["k10"]["i2t R@1 ref"], rows["k10"]["i2t R@1 delta"]) == ("70.9", "-14.9")
+  assert rows["k50"]["i2t R@1 ref"] == "70.7" and rows["k50"]["i2t R@1"] == "missing"
+  assert rows["k100"]["t2i R@1 ref"] == "missing" and rows["k10"]["ref source"] == (
+      "paper Table 8 (t2i R@1, i2t R@1)")
 
 
 def test_transfer_tables_expect_the_target_dataset_and_split(tmp_path):
@@ -238,8 +283,63 @@ def test_multi30k_rows_check_language_and_compare_mr(tmp_path):
   _, table_csv = reproduce.render("multi30k", reproduce.collect("multi30k", {"de": de}))
   rows = {(r["row"], r["method"]): r for r in csv.DictReader(io.StringIO(table_csv))}
   mr = (70 + 80 + 85 + 71 + 81 + 86) / 6
-  assert rows[("de", "RR")]["reference"] == "mR 79.2"
-  assert rows[("de", "RR")]["difference"] == f"mR {mr - 79.2:+.1f}"
-  assert rows[("en", "RR")]["mR"] == "missing" and rows[("en", "RR")]["difference"] == "missing"
+  assert rows[("de", "RR")]["mR ref"] == "79.2"
+  assert rows[("de", "RR")]["mR delta"] == f"{mr - 79.2:+.1f}"
+  assert rows[("de", "BE")]["mR ref"] == "missing"  # the release's mR is compared on RR
+  assert rows[("en", "RR")]["mR"] == "missing" and rows[("en", "RR")]["mR ref"] == "83.0"
+  assert rows[("en", "RR")]["mR delta"] == "missing"
   with pytest.raises(ValueError, match="row needs 'en'"):
     reproduce.collect("multi30k", {"en": de})
+
+
+@pytest.mark.parametrize("path", FUSION_CONFIGS, ids=os.path.basename)
+def test_fusion_config_is_the_joint_row_with_its_fusion(path):
+  module, c = _load(path)
+  _, joint = _load(os.path.join(REPO, "configs", "paper", "flickr30k_joint.py"))
+  fusion, weight = next(f for config, f in paper_tables.FUSION_ROWS.values()
+                        if os.path.join(REPO, config) == path)
+  assert (c.eval.fusion, c.eval.fusion_weight) == (fusion, weight)
+  assert c.eval.fusion in ("standard", "combination", "combination_normalized", "rank")
+  assert type(c.eval.fusion_weight) is float
+  # Everything but the fusion is the joint row's: the workdir it re-evaluates was trained by it.
+  # (Whether the joint config already has the two fields depends on the evaluator's defaults.)
+  fused = {"eval.fusion", "eval.fusion_weight"}
+  leaves, joint_leaves = _leaves(c.to_dict()), _leaves(joint.to_dict())
+  assert set(leaves) - set(joint_leaves) <= fused and set(joint_leaves) <= set(leaves)
+  assert ({k: v for k, v in leaves.items() if k not in fused}
+          == {k: v for k, v in joint_leaves.items() if k not in fused})
+  _, demo = _load(os.path.join(REPO, "configs", "demo.py"))
+  for key in fused & set(_leaves(demo.to_dict())):  # same types as the trainer's defaults
+    assert type(leaves[key]) is type(_leaves(demo.to_dict())[key]), key
+  name = os.path.basename(path)
+  for needed in (f"--config=configs/paper/{name}", f"--config=configs/paper/{name}:runlocal",
+                 "python -m rerank.evaluate", "--workdir=workdirs/flickr30k_joint",
+                 "launch/tpu_pod.sh", "rerank.data.prepare", "rerank.convert"):
+    assert needed in module.__doc__, needed
+  assert _assigned(path) >= {"c.eval.fusion", "c.eval.fusion_weight"}
+  local = _load(path, "runlocal")[1]
+  assert local.dataset.name == "synthetic_scenes" and local.eval.fusion == fusion
+
+
+def test_fusion_table_checks_the_run_fusion_and_compares_table_9(tmp_path):
+  def run(name, fusion=None, weight=None):
+    results = _results("flickr30k_butd", "test", [("BE", 70.0), ("RR", 77.0)])
+    if fusion is not None:
+      results["rows"][1]["fusion"] = {"mode": fusion, "weight": weight}  # as the evaluator
+    return reproduce.load_run(_write(tmp_path, name, results))
+
+  runs = {"standard": run("plain"), "w0.1": run("w01", "combination", 0.1)}
+  _, table_csv = reproduce.render("flickr30k_fusion",
+                                  reproduce.collect("flickr30k_fusion", runs))
+  rows = {r["row"]: r for r in csv.DictReader(io.StringIO(table_csv))}
+  assert [rows[k]["t2i R@1 ref"] for k in ("standard", "w0.1", "w0.9")] == ["76.4", "76.7", "74.6"]
+  assert (rows["standard"]["t2i R@1 delta"], rows["w0.1"]["t2i R@1 delta"]) == ("+0.6", "+0.3")
+  assert rows["w0.9"]["t2i R@1"] == rows["w0.9"]["t2i R@1 delta"] == "missing"
+  assert rows["w0.1"]["ref source"] == "paper Table 9 (t2i R@1)"
+  # A run reranked another way than the row says is an error naming the config to evaluate.
+  with pytest.raises(ValueError, match="flickr30k_fusion_w09.py"):
+    reproduce.collect("flickr30k_fusion", {"w0.9": runs["w0.1"]})
+  with pytest.raises(ValueError, match=r"row needs \('combination', 0.1\)"):
+    reproduce.collect("flickr30k_fusion", {"w0.1": runs["standard"]})  # no fusion: CE alone
+  assert reproduce.run_fusion({"fusion": {"mode": "standard", "weight": 0.5}}) == ("standard", 0.0)
+  assert reproduce.run_fusion({"fusion": {"mode": "rank", "weight": 0.5}}) == ("rank", 0.5)

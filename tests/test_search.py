@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from rerank import errors
 from rerank.models import build
 
 from rerank.training import checkpoints
@@ -137,3 +138,55 @@ def test_search_cli_prints_ranked_items_and_fails_clearly(built):
   assert res.returncode != 0 and "no index here" in res.stderr
   with open(os.path.join(out, "index.json")) as f:
     assert json.load(f)["identity"]["num_images"] == 32
+
+
+def test_retriever_input_mistakes_are_errors(built):
+  """k=0 is not "the default", [] is not a shape error, -1 is not the last image (issue 15)."""
+  _, out, *_ = built
+  r = retriever.Retriever.load(out)
+  for k in (0, -3, 2.5, True):
+    with pytest.raises(errors.UserError, match=r"k: expected an integer >= 1"):
+      r.search("a cube", k=k)
+  with pytest.raises(errors.UserError, match=r"queries: expected a string or a non-empty list"):
+    r.search([])
+  with pytest.raises(errors.UserError, match=r"rows: expected corpus rows in \[0, 32\); found -1"):
+    r.predict(["a cube"], [-1])
+  with pytest.raises(errors.UserError, match=r"rows: expected corpus rows in \[0, 32\); found 32"):
+    r.encode_images([0, 32])
+  with pytest.raises(errors.UserError, match=r"rows: expected a list of integer corpus rows"):
+    r.predict(["a cube"], [0.5])
+  with pytest.raises(errors.UserError) as e:
+    r.search(["a cube", 12345 * "x" + " " + 100_000 * "y", None])
+  assert len(str(e.value)) < 200 and "query 2" in str(e.value)  # long queries are never echoed whole
+  long_query = " ".join(["red cube"] * 20_000)
+  assert len(r.search(long_query, k=3, rerank=False)[0]) == 3  # truncated to max_text_len, searched
+
+
+def test_index_rows_must_still_be_the_splits_images(built):
+  _, out, *_ = built
+  ids = np.load(os.path.join(out, "image_ids.npy"))
+  retriever._check_image_ids(out, {}, ids, ids.copy())  # pylint: disable=protected-access
+  with pytest.raises(indexes.IndexMismatchError, match=r"image_ids\.npy differs .* from row 1 on"):
+    retriever._check_image_ids(out, {}, ids, ids[[0, 2, 1] + list(range(3, len(ids)))])  # pylint: disable=protected-access
+
+
+def test_search_cli_never_echoes_a_long_query_in_full(built):
+  _, out, *_ = built
+  long_query = "a " + "x" * 100_000
+  res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", f"--query={long_query}",
+                        "--query= "], env=ENV, cwd=REPO, capture_output=True, text=True)
+  assert res.returncode == 2 and "error: --query" in res.stderr and len(res.stderr) < 500, res.stderr[-500:]
+  res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", "--query=a cube",
+                        "--show=-1"], env=ENV, cwd=REPO, capture_output=True, text=True)
+  assert res.returncode == 2 and "error: --show: expected >= 1; found -1" in res.stderr, res.stderr[-500:]
+  res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", f"--query={long_query}",
+                        "--k=3"], env=ENV, cwd=REPO, capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert max(len(line) for line in res.stdout.splitlines()) < 300 and "100002 characters" in res.stdout
+
+
+def test_index_without_an_identity_is_one_error(tmp_path):
+  path = str(tmp_path / "idx")
+  indexes.save(indexes.ExactIndex(np.eye(4, dtype=np.float32)), path, {"fingerprint": "abc"})
+  with pytest.raises(indexes.IndexFormatError, match=r"index\.json: identity: expected .*found no checkpoint, dataset, split"):
+    retriever.Retriever.load(path)

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rerank import paths
 from rerank.data.sources import common
 
 VERSION = "1.0.0"
@@ -91,7 +92,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def dataset_dir(data_dir: str, name: str) -> str:
-  return os.path.join(data_dir, name, VERSION)
+  return paths.join(data_dir, name, VERSION)  # local or gs://
 
 
 def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], data_dir: str,
@@ -147,7 +148,7 @@ def open_split(data_dir: str, name: str, split: str, with_index: bool = False):
   reading the region features of every record.
   """
   path = dataset_dir(data_dir, name)
-  if not os.path.exists(os.path.join(path, "dataset_info.json")):
+  if not paths.exists(paths.join(path, "dataset_info.json")):
     raise FileNotFoundError(f"no prepared dataset at {path}; run python -m rerank.data.prepare "
                             f"--dataset={name} --source_dir=... --data_dir={data_dir}")
   builder = tfds.builder_from_directory(path)

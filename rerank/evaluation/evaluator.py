@@ -22,11 +22,11 @@ corpus, `rerank.data.eval_sets`); `evaluate_workdir` restores a training workdir
 """
 
 import json
-import os
 import time
 
 import numpy as np
 
+from rerank import paths
 from rerank.data import datasets
 from rerank.data import eval_sets
 from rerank.evaluation import metrics
@@ -317,11 +317,8 @@ def _ties_note(rows) -> str:
 
 
 def write_results(workdir: str, results: dict) -> str:
-  """Writes results.json and results.md atomically (temp file, then rename); returns the table."""
+  """Writes results.json and results.md atomically (local or gs://); returns the table."""
   table = results_markdown(results)
   for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", table)):
-    tmp = os.path.join(workdir, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, os.path.join(workdir, name))
+    paths.write_text(paths.join(workdir, name), text)
   return table

@@ -12,20 +12,26 @@ Backends, all scoring by dot product (= cosine on unit vectors), all with one ve
 
 An index is saved in its own directory (`index.json` + arrays), written to a temporary
 directory and renamed, with the identity of the checkpoint that made the embeddings;
-`load(..., expect=...)` refuses an index from another checkpoint or embedding size.
+`load(..., expect=...)` refuses an index from another checkpoint or embedding size. index.json
+lists every file with its size and sha256; `load` reads only listed files that match, never
+unpickles, and refuses non-finite embeddings (see "checked reading" below).
 """
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
 import jax
 import numpy as np
 
+from rerank import errors
 from rerank.indexing import ranking
 
 BACKENDS = ("auto", "exact", "scann", "jax")
@@ -33,8 +39,12 @@ _META = "index.json"
 _SCORE_BLOCK = 1 << 26  # floats; bounds the [queries, N] score block of brute force (256 MB)
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(errors.UserError):
   """The saved index was built from another checkpoint or embedding size."""
+
+
+class IndexFormatError(errors.UserError):
+  """An index directory that is not what `save` wrote: the message names the file and why."""
 
 
 def _check_queries(queries, dim: int) -> np.ndarray:
@@ -89,7 +99,7 @@ class ExactIndex:
 
   @classmethod
   def _load(cls, path, meta):
-    return cls(np.load(os.path.join(path, "embeddings.npy"), mmap_mode="r"))
+    return cls(_load_embeddings(path, meta, mmap=True))
 
 
 # ------------------------------------------------------------------ exact on device (JAX)
@@ -133,7 +143,11 @@ class JaxIndex:
 
   @classmethod
   def _load(cls, path, meta):
-    return cls(np.load(os.path.join(path, "embeddings.npy")), meta.get("query_block", 256))
+    block = meta.get("query_block", 256)
+    if not _is_count(block, 1) or block > _MAX_QUERY_BLOCK:
+      raise IndexFormatError(f"{os.path.join(path, _META)}: query_block: expected an integer in "
+                             f"[1, {_MAX_QUERY_BLOCK}]; found {block!r:.40}")
+    return cls(_load_embeddings(path, meta, mmap=False), block)
 
 
 # ------------------------------------------------------------------ ScaNN
@@ -213,8 +227,17 @@ class ScannIndex:
   @classmethod
   def _load(cls, path, meta):
     import scann  # noqa: PLC0415
-    searcher = scann.scann_ops_pybind.load_searcher(os.path.join(path, "scann"))
-    return cls(searcher, meta["size"], meta["dim"], ScannParams(**meta["scann"]))
+    params = _scann_params_from_meta(path, meta)
+    # ScaNN's loader unpickles scann/scann_docids.pkl when that file exists, so it never sees
+    # the index directory: only the files index.json lists (never a .pkl) are copied, checked,
+    # into a private directory, and ScaNN loads from there.
+    private = tempfile.mkdtemp(prefix="rerank-scann-")
+    try:
+      _copy_scann_assets(path, meta, private)
+      searcher = scann.scann_ops_pybind.load_searcher(private, assets_backcompat_shim=False)
+    finally:
+      shutil.rmtree(private, ignore_errors=True)
+    return cls(searcher, meta["size"], meta["dim"], params)
 
 
 # ------------------------------------------------------------------ sharded
@@ -256,8 +279,17 @@ class ShardedIndex:
 
   @classmethod
   def _load(cls, path, meta):
-    return cls([_read(os.path.join(path, f"shard-{j:05d}")) for j in range(len(meta["offsets"]))],
-               meta["offsets"])
+    offsets = meta.get("offsets")
+    if not (isinstance(offsets, list) and offsets and all(
+        isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+      raise IndexFormatError(f"{os.path.join(path, _META)}: offsets: expected a non-empty list of "
+                             f"row offsets; found {offsets!r:.80}")
+    shards = [_read(os.path.join(path, f"shard-{j:05d}")) for j in range(len(offsets))]
+    starts = [0] + [int(v) for v in np.cumsum([s.size for s in shards])[:-1]]
+    if offsets != starts or sum(s.size for s in shards) != meta["size"]:
+      raise IndexFormatError(f"{os.path.join(path, _META)}: offsets: expected {starts} for shards of "
+                             f"{[s.size for s in shards]} rows ({meta['size']} in all); found {offsets}")
+    return cls(shards, offsets)
 
 
 def search_multihost(local_index, offset: int, queries, k: int):
@@ -311,18 +343,24 @@ def _write(index, path):
   os.makedirs(path)
   meta = {"kind": index.kind, "size": int(index.size), "dim": int(index.dim)}
   meta.update(index._save(path))  # noqa: SLF001
+  for file in _float_corpus_files(path):  # an index load would refuse: refuse to write it
+    row = _first_nonfinite_row(np.load(file, mmap_mode="r"))
+    if row is not None:
+      raise ValueError(f"embeddings: expected finite rows; found NaN or inf in row {row}")
   _write_meta(path, meta)
   return meta
 
 
 def _write_meta(path, meta):
+  """index.json, with the size and sha256 of every file the index holds (`load` checks them)."""
+  meta["files"] = _manifest(path)
   with open(os.path.join(path, _META), "w") as f:
     json.dump(meta, f, indent=2)
 
 
 def _read(path):
-  with open(os.path.join(path, _META)) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
+  _verify_files(path, meta)
   return _KINDS[meta["kind"]]._load(path, meta)  # noqa: SLF001
 
 
@@ -354,11 +392,23 @@ def save(index, path: str, identity: dict, arrays: dict | None = None) -> None:
 
 
 def read_meta(path: str) -> dict:
+  """index.json of the index in `path`, its kind, size, dim and file list checked.
+
+  Raises:
+    FileNotFoundError: no index.json in `path`.
+    IndexFormatError: index.json is not what `save` writes (the message names it).
+  """
   meta_path = os.path.join(path, _META)
   if not os.path.isfile(meta_path):
     raise FileNotFoundError(f"{meta_path}: no index here; build one with python -m rerank.index")
-  with open(meta_path) as f:
-    return json.load(f)
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise IndexFormatError(f"{meta_path}: expected the JSON that python -m rerank.index writes; "
+                           f"found invalid JSON ({e})") from e
+  _check_meta(meta_path, meta)
+  return meta
 
 
 def load(path: str, expect: dict | None = None):
@@ -374,5 +424,183 @@ def load(path: str, expect: dict | None = None):
       raise IndexMismatchError(
           f"{path}: index built with {key}={saved.get(key)!r} but this model has {key}={want!r}; "
           f"rebuild it with python -m rerank.index --checkpoint=... --out={path}")
-  arrays = {name: np.load(os.path.join(path, f"{name}.npy")) for name in meta.get("arrays", [])}
-  return _read(path), meta, arrays
+  index = _read(path)  # checks every file against index.json first
+  arrays = {name: _load_npy(os.path.join(path, f"{name}.npy")) for name in meta.get("arrays", [])}
+  return index, meta, arrays
+
+
+# ------------------------------------------------------------------ checked reading
+# Every file of an index is listed in its index.json with its size and sha256 (`_write_meta`);
+# `load` reads nothing that is not listed or does not match, and never unpickles: `.npy` files
+# load with allow_pickle=False and ScaNN only ever sees a private copy of its listed assets.
+
+_SCANN_ASSET_SUFFIXES = (".pb", ".pbtxt", ".npy")  # what ScaNN's serialize writes; never .pkl
+_HASH_BLOCK = 1 << 22  # bytes read at a time while hashing or copying
+_MAX_QUERY_BLOCK = 1 << 16  # a JaxIndex pads queries to this many rows: bounds its memory
+
+
+def _manifest(path: str) -> dict:
+  """{relative path: {"bytes", "sha256"}} of the files in `path`, bar index.json and the
+  directories of nested indexes (shards), which list their own files."""
+  out = {}
+  for root, dirs, files in os.walk(path):
+    if root != path and os.path.isfile(os.path.join(root, _META)):
+      dirs[:] = []
+      continue
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      if full == os.path.join(path, _META):
+        continue
+      digest, nbytes = _sha256(full)
+      out[os.path.relpath(full, path).replace(os.sep, "/")] = {"bytes": nbytes, "sha256": digest}
+  return out
+
+
+def _sha256(path: str, copy_to: str | None = None) -> tuple[str, int]:
+  """(hex sha256, size) of a file; with `copy_to`, the bytes hashed are also written there."""
+  h, n = hashlib.sha256(), 0
+  with open(path, "rb") as f, (open(copy_to, "xb") if copy_to else contextlib.nullcontext()) as out:
+    while chunk := f.read(_HASH_BLOCK):
+      h.update(chunk)
+      n += len(chunk)
+      if out is not None:
+        out.write(chunk)
+  return h.hexdigest(), n
+
+
+def _is_count(v, least: int = 0) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _check_meta(meta_path: str, meta) -> None:
+  """IndexFormatError naming index.json and the field that is not what `save` writes."""
+  def bad(field, expected, found):
+    raise IndexFormatError(f"{meta_path}: {field}: expected {expected}; found {json.dumps(found)[:80]}")
+  if not isinstance(meta, dict):
+    bad("the file", "a JSON object", meta)
+  if meta.get("kind") not in _KINDS:
+    bad("kind", f"one of {', '.join(_KINDS)}", meta.get("kind"))
+  for field in ("size", "dim"):
+    if not _is_count(meta.get(field), 1):
+      bad(field, "an integer >= 1", meta.get(field))
+  if "files" not in meta:
+    raise IndexFormatError(f"{meta_path}: no file checksums (an index written by an older rerank); "
+                           f"rebuild it with python -m rerank.index --out={os.path.dirname(meta_path)}")
+  files = meta["files"]
+  if not isinstance(files, dict):
+    bad("files", "an object of file checksums", files)
+  for name, entry in files.items():
+    parts = name.split("/")
+    if os.path.isabs(name) or "\\" in name or any(p in ("", ".", "..") for p in parts):
+      bad("files", "paths inside the index directory", name)
+    if not (isinstance(entry, dict) and _is_count(entry.get("bytes"))
+            and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+      bad(f"files[{name!r}]", "{\"bytes\": N, \"sha256\": HEX}", entry)
+  arrays = meta.get("arrays", [])
+  if not (isinstance(arrays, list) and all(isinstance(a, str) and f"{a}.npy" in files for a in arrays)):
+    bad("arrays", "names of .npy files listed in files", arrays)
+  if "identity" in meta and not isinstance(meta["identity"], dict):
+    bad("identity", "an object", meta["identity"])
+
+
+def _verify_files(path: str, meta: dict) -> None:
+  """IndexFormatError unless every file index.json lists is there with its size and sha256."""
+  for name, entry in sorted(meta["files"].items()):
+    full = os.path.join(path, *name.split("/"))
+    if not os.path.isfile(full):
+      raise IndexFormatError(f"{full}: missing, but {_META} lists it; the index is incomplete: "
+                             "rebuild it with python -m rerank.index")
+    _check_entry(full, entry, _sha256(full))
+
+
+def _check_entry(full: str, entry: dict, found: tuple[str, int]) -> None:
+  digest, nbytes = found
+  if (digest, nbytes) != (entry["sha256"], entry["bytes"]):
+    raise IndexFormatError(
+        f"{full}: expected {entry['bytes']} bytes with sha256 {entry['sha256'][:16]}... as {_META} "
+        f"records; found {nbytes} bytes with sha256 {digest[:16]}...: the file changed after the "
+        "index was written; rebuild it with python -m rerank.index")
+
+
+def _load_npy(path: str, mmap: bool = False) -> np.ndarray:
+  try:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+  except ValueError as e:  # object arrays (pickles) and malformed headers
+    raise IndexFormatError(f"{path}: expected a plain NumPy array; found {e}") from e
+
+
+def _first_nonfinite_row(x: np.ndarray, block: int = 1 << 16) -> int | None:
+  """The first row of [N, D] `x` holding NaN or inf, or None (in blocks: x may be mmap'd)."""
+  for a in range(0, len(x), block):
+    ok = np.isfinite(x[a:a + block]).all(axis=1)
+    if not ok.all():
+      return a + int(np.argmin(ok))
+  return None
+
+
+def _check_finite_rows(path: str, x: np.ndarray) -> None:
+  row = _first_nonfinite_row(x)
+  if row is not None:
+    raise IndexFormatError(f"{path}: expected finite embeddings; found NaN or inf in row {row}")
+
+
+def _float_corpus_files(path: str) -> list[str]:
+  """The files holding an index's float corpus: what must be finite."""
+  return [f for f in (os.path.join(path, "embeddings.npy"), os.path.join(path, "scann", "dataset.npy"))
+          if os.path.isfile(f)]
+
+
+def _load_embeddings(path: str, meta: dict, mmap: bool) -> np.ndarray:
+  """embeddings.npy of an exact / jax index: float32 [size, dim], every row finite."""
+  file = os.path.join(path, "embeddings.npy")
+  x = _load_npy(file, mmap)
+  if x.dtype != np.float32 or x.shape != (meta["size"], meta["dim"]):
+    raise IndexFormatError(f"{file}: expected float32 [{meta['size']}, {meta['dim']}] as {_META} "
+                           f"records; found {x.dtype} {list(x.shape)}")
+  _check_finite_rows(file, x)
+  return x
+
+
+def _scann_params_from_meta(path: str, meta: dict) -> ScannParams:
+  """ScannParams from index.json: known fields only, numbers where the field is a number."""
+  fields = {f.name: f.type for f in dataclasses.fields(ScannParams)}
+  given = meta.get("scann")
+  is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+  if not (isinstance(given, dict) and set(given) <= set(fields) and all(
+      is_number(v) for k, v in given.items() if fields[k] in (int, float))):
+    raise IndexFormatError(f"{os.path.join(path, _META)}: scann: expected the fields "
+                           f"{', '.join(fields)} (numbers where numeric); found {json.dumps(given)[:80]}")
+  try:
+    return ScannParams(**given)
+  except TypeError as e:
+    raise IndexFormatError(f"{os.path.join(path, _META)}: scann: {e}") from e
+
+
+def _copy_scann_assets(path: str, meta: dict, private: str) -> None:
+  """Copies the ScaNN assets index.json lists into `private`, checking each copy's sha256."""
+  assets = {n[len("scann/"):]: e for n, e in meta["files"].items() if n.startswith("scann/")}
+  for name, entry in sorted(assets.items()):
+    if "/" in name or not name.endswith(_SCANN_ASSET_SUFFIXES):
+      raise IndexFormatError(f"{os.path.join(path, 'scann', name)}: expected only ScaNN assets "
+                             f"({', '.join(_SCANN_ASSET_SUFFIXES)}) in {_META}; refusing to load it")
+    src = os.path.join(path, "scann", name)
+    _check_entry(src, entry, _sha256(src, copy_to=os.path.join(private, name)))
+  pbtxt = os.path.join(private, "scann_assets.pbtxt")
+  if not os.path.isfile(pbtxt):
+    raise IndexFormatError(f"{os.path.join(path, 'scann')}: expected scann_assets.pbtxt in {_META}; "
+                           "found none")
+  with open(pbtxt, encoding="utf-8", errors="replace") as f:
+    named = re.findall(r'asset_path:\s*"([^"]*)"', f.read())
+  outside = [a for a in named if a not in assets]
+  if outside:
+    raise IndexFormatError(f"{os.path.join(path, 'scann', 'scann_assets.pbtxt')}: expected asset "
+                           f"paths among the listed files; found {outside[0]!r}")
+  dataset = os.path.join(private, "dataset.npy")
+  if os.path.isfile(dataset):  # the float corpus ScaNN reorders with
+    shown = os.path.join(path, "scann", "dataset.npy")
+    x = _load_npy(dataset, mmap=True)
+    if x.shape != (meta["size"], meta["dim"]):
+      raise IndexFormatError(f"{shown}: expected [{meta['size']}, {meta['dim']}] as {_META} records; "
+                             f"found {list(x.shape)}")
+    _check_finite_rows(shown, x)

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from rerank import paths
 from rerank.data import batches
 from rerank.data import datasets
 from rerank.models import build
@@ -110,14 +111,13 @@ def restore_workdir(workdir: str, latest: bool = False, config=None) -> Restored
   Raises FileNotFoundError (no config.json, no checkpoint) or ValueError (a checkpoint that
   does not fit the config).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(paths.path(workdir))  # local (made absolute) or gs://
   if config is None:
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
+    cfg_path = paths.join(workdir, "config.json")
+    if not paths.exists(cfg_path):
       raise FileNotFoundError(f"{cfg_path}: not found; expected a training workdir "
                               "(python -m rerank.train ... --workdir=DIR)")
-    with open(cfg_path) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(paths.read_text(cfg_path)))
   tokenizer = datasets.get_tokenizer(config)
   cls_id = tokenizer.token_to_id("[CLS]")  # None for XLM-R: build_model uses init_from's
   model = build.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())

@@ -15,12 +15,36 @@ defaults to the checkpoint config's `eval.k`; `config.search` holds the rerank f
 
 import numpy as np
 
+from rerank import errors
 from rerank.data import datasets
 from rerank.indexing import indexes as index_lib
 from rerank.inference import engine as engine_lib
 from rerank.inference import reranker as rerank_lib
 
 _SEARCH_DEFAULTS = dict(fusion="ce", alpha=0.5, fusion_weight=0.0, query_block=8)
+
+
+def shorten(value, limit: int = 80) -> str:
+  """repr(value) for a message, cut to about `limit` characters: a query can be a book.
+
+  A string longer than `limit` shows its first `limit` characters and its length.
+  """
+  if isinstance(value, str):
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+  text = repr(value)
+  return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters of repr)"
+
+
+def _check_image_ids(index_dir: str, identity: dict, saved, now) -> None:
+  """Row r of the index must still be image r of the split (it may have been re-prepared)."""
+  if saved is None:
+    return
+  saved, now = np.asarray(saved), np.asarray(now)
+  if saved.shape != now.shape or not np.array_equal(saved, now):
+    row = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+    raise index_lib.IndexMismatchError(
+        f"{index_dir}: image_ids.npy differs from {identity.get('dataset')}/{identity.get('split')} "
+        f"from row {row} on (the split was re-prepared?); rebuild it with python -m rerank.index")
 
 
 class Retriever:
@@ -46,9 +70,14 @@ class Retriever:
   def load(cls, index_dir: str, checkpoint_dir: str | None = None) -> "Retriever":
     """The index in `index_dir` and the model it was built with (or `checkpoint_dir`, checked)."""
     identity = index_lib.read_meta(index_dir).get("identity", {})
+    absent = [key for key in ("checkpoint", "dataset", "split") if not isinstance(identity.get(key), str)]
+    if absent:
+      raise index_lib.IndexFormatError(
+          f"{index_dir}/index.json: identity: expected the checkpoint, dataset and split that "
+          f"python -m rerank.index records; found no {', '.join(absent)}")
     restored = engine_lib.restore_workdir(checkpoint_dir or identity.get("checkpoint", ""))
     dim = restored.encoder_config.hidden_size
-    idx, meta, _ = index_lib.load(index_dir, expect={"fingerprint": restored.fingerprint, "dim": dim})
+    idx, meta, arrays = index_lib.load(index_dir, expect={"fingerprint": restored.fingerprint, "dim": dim})
     config = restored.config
     config.dataset.name = identity["dataset"]
     corpus, captions = datasets.load_split(config, identity["split"], restored.tokenizer,
@@ -57,18 +86,36 @@ class Retriever:
       raise index_lib.IndexMismatchError(
           f"{index_dir}: index holds {idx.size} items but {identity['dataset']}/{identity['split']} "
           f"now has {corpus.num_images} images; rebuild it with python -m rerank.index")
+    _check_image_ids(index_dir, identity, arrays.get("image_ids"), corpus.image_ids)
     return cls(restored, corpus, captions, idx, meta)
 
   # ---------------------------------------------------------------- the three verbs
 
   def _tokenize(self, texts):
-    """(token ids [N, L], mask [N, L]) of a string or a list of non-empty strings."""
+    """(token ids [N, L], mask [N, L]) of a string or a non-empty list of non-empty strings."""
     if isinstance(texts, str):
       texts = [texts]
+    if isinstance(texts, np.ndarray):
+      texts = texts.tolist()
+    if not isinstance(texts, (list, tuple)) or not texts:
+      raise errors.UserError(f"queries: expected a string or a non-empty list of strings; "
+                             f"found {shorten(texts)}")
     for i, t in enumerate(texts):
       if not isinstance(t, str) or not t.strip():
-        raise ValueError(f"query {i}: expected a non-empty string; found {t!r}")
+        raise errors.UserError(f"query {i}: expected a non-empty string; found {shorten(t)}")
     return self.m.text_inputs(texts)
+
+  def _rows(self, rows) -> np.ndarray:
+    """[N] int64 corpus rows, each in [0, num_images): -1 is an error, not the last image."""
+    arr = np.asarray(rows)
+    if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+      raise errors.UserError(f"rows: expected a list of integer corpus rows; found "
+                             f"{shorten(rows)}")
+    n = self.corpus.num_images
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+      raise errors.UserError(f"rows: expected corpus rows in [0, {n}); found {int(bad[0])}")
+    return arr.astype(np.int64)
 
   def encode_texts(self, texts) -> np.ndarray:
     """[N, H] unit BE embeddings of a list of strings."""
@@ -76,12 +123,12 @@ class Retriever:
 
   def encode_images(self, rows) -> np.ndarray:
     """[N, H] unit BE embeddings of corpus images (by row)."""
-    return self.engine.embed_images(*engine_lib.image_rows(self.corpus, rows))
+    return self.engine.embed_images(*engine_lib.image_rows(self.corpus, self._rows(rows)))
 
   def predict(self, texts, rows) -> np.ndarray:
     """[N] CE match logits of pairs (texts[i], corpus image rows[i])."""
     ids, mask = self._tokenize(texts)
-    rows = np.asarray(rows)
+    rows = self._rows(rows)
     if len(rows) != len(ids):
       raise ValueError(f"predict: {len(ids)} texts but {len(rows)} image rows")
     return self.engine.score_pairs(ids, mask, *engine_lib.image_rows(self.corpus, rows))
@@ -90,9 +137,12 @@ class Retriever:
     """Per query, the top-k corpus images, best first (reranked by the CE when `rerank`).
 
     k defaults to the checkpoint config's eval.k; k larger than the corpus is clamped to the
-    corpus size.
+    corpus size; k < 1 is an error.
     """
-    k = k or self.k
+    if k is None:
+      k = self.k
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+      raise errors.UserError(f"k: expected an integer >= 1; found {shorten(k)}")
     ids, mask = self._tokenize(queries)
     q_emb = self.engine.embed_texts(ids, mask)
     be_ids, be_scores = self.index.search(q_emb, k)  # [Q, k]

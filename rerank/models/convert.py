@@ -7,6 +7,7 @@ weights through the family's key layout (`families`), checks every key and shape
 its command line.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -61,13 +62,26 @@ def load_hf_tokenizer(family: str, config: dict, tok_dir: str, lower_case: str =
   except (OSError, ValueError, TypeError) as e:
     if isinstance(e, pretrained.ConvertError):
       raise
+    detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     raise pretrained.ConvertError(
-        f"{tok_dir}: cannot load the {family} tokenizer with transformers ({e})") from e
+        f"{tok_dir}: cannot load the {family} tokenizer with transformers ({detail[:300]})") from e
 
 
 def _read_vocab(path: str) -> dict:
   with open(path, encoding="utf-8") as f:
     return {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+
+@contextlib.contextmanager
+def _family_hint(family: str, guess: str | None):
+  """Adds "try --family=X" to a ConvertError when the keys look like another family's."""
+  try:
+    yield
+  except pretrained.ConvertError as e:
+    if not guess or guess == family:
+      raise
+    raise pretrained.ConvertError(f"{str(e).rstrip('.')}. The keys look like a {guess!r} checkpoint: "
+                                  f"try --family={guess}.") from e
 
 
 def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
@@ -83,23 +97,20 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
   files = pretrained.find_weights(src)
   weights = files[0] if len(files) == 1 else f"{src_dir} ({len(files)} shards)"
   config, config_path = families.read_config(src_dir, family, model_config)
-  tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
-
   state = {}
   for path in files:
     state.update(pretrained.read_state_dict(path))
   state = pretrained.normalise_keys(state)
   guess = families.guess_family(state)
-  try:
+  # The layout is checked before the tokenizer is loaded: a checkpoint of another family then
+  # fails with the family hint, not with whatever that family's tokenizer loader says.
+  with _family_hint(family, guess):
     state, spec, prefix = families.SPECS[family](config, state, config_path)
+  tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
+  with _family_hint(family, guess):
     params, report = pretrained.build_params(
         spec.cfg, state, spec.entries, optional=spec.optional, ignored=spec.ignored,
         fresh=spec.fresh, source=weights, seed=seed)
-  except pretrained.ConvertError as e:
-    hint = ""
-    if guess and guess != family:
-      hint = f" The keys look like a {guess!r} checkpoint: try --family={guess}."
-    raise pretrained.ConvertError(f"{e}{hint}") from e
   del state
   cfg = spec.cfg
   if len(tokenizer) > cfg.vocab_size:

@@ -14,6 +14,7 @@ its sizes are read from the weight shapes).
 
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -72,17 +73,33 @@ def _pooler_keys():
   return ("pooler.dense.weight", "pooler.dense.bias")
 
 
-def strip_prefix(state: dict, prefixes) -> tuple[dict, str]:
-  """Removes the model prefix (`bert.`, `roberta.`, `uniter.`) when the backbone carries one."""
+def strip_prefix(state: dict, prefixes) -> tuple[dict, str, tuple]:
+  """Removes the model prefix (`bert.`, `roberta.`, `uniter.`) when the backbone carries one.
+
+  Returns (state, the prefix or "", the keys that did not carry it: the checkpoint's heads).
+  """
   for p in prefixes:
     if any(k.startswith(p + "embeddings.") for k in state):
-      return {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}, p
-  return state, ""
+      outside = tuple(k for k in state if not k.startswith(p))
+      return {(k[len(p):] if k.startswith(p) else k): v for k, v in state.items()}, p, outside
+  return state, "", ()
 
 
-def _heads(state: dict, roots) -> tuple:
-  """Keys outside the backbone's modules: task/pretraining heads we do not use."""
-  return tuple(k for k in state if not k.startswith(roots))
+# Region-embedding modules of the families: never a head, always backbone.
+_VISUAL_ROOTS = ("img_embedding.", "img_embeddings.", "image_embeddings.", "LayerNorm.")
+
+
+def _heads(state: dict, roots, prefix: str, outside: tuple) -> tuple:
+  """Keys of task/pretraining heads we do not use (reported, not converted).
+
+  With a model prefix, the heads are the keys outside it: everything under `bert.` is backbone,
+  so a backbone tensor the family does not map (OSCAR's region embedding read as BERT) is an
+  error, not an ignored head. Without one, the keys outside the backbone's modules, bar any
+  family's region embedding.
+  """
+  if prefix:
+    return outside
+  return tuple(k for k in state if not k.startswith(tuple(roots) + _VISUAL_ROOTS))
 
 
 def _bert_fields(c: dict, source: str) -> dict:
@@ -115,7 +132,7 @@ def is_roberta(config: dict) -> bool:
 
 def bert_spec(config: dict, state: dict, source: str):
   roberta = is_roberta(config)
-  state, prefix = strip_prefix(state, ("roberta.",) if roberta else ("bert.",))
+  state, prefix, outside = strip_prefix(state, ("roberta.",) if roberta else ("bert.",))
   fields = _bert_fields(config, source)
   notes = []
   if roberta:
@@ -126,12 +143,12 @@ def bert_spec(config: dict, state: dict, source: str):
   buffers = ("embeddings.position_ids", "embeddings.token_type_ids")
   notes.append("region embedding (img_embeddings) is new: a BERT checkpoint has none")
   return state, Spec(cfg, _bert_backbone(cfg), optional=_pooler_keys(),
-                     ignored=buffers + _heads(state, ("embeddings.", "encoder.", "pooler.")),
+                     ignored=buffers + _heads(state, ("embeddings.", "encoder.", "pooler."), prefix, outside),
                      fresh=(("img_embeddings",),), notes=notes), prefix
 
 
 def oscar_spec(config: dict, state: dict, source: str):
-  state, prefix = strip_prefix(state, ("bert.",))
+  state, prefix, outside = strip_prefix(state, ("bert.",))
   fields = _bert_fields(config, source)
   if str(config.get("img_feature_type", "faster_r-cnn")).startswith("dis_code"):
     raise ConvertError(f"{source}: img_feature_type {config['img_feature_type']!r} (discrete codes) is "
@@ -146,11 +163,11 @@ def oscar_spec(config: dict, state: dict, source: str):
     entries += _norm(("img_embeddings", "LayerNorm"), "LayerNorm")
   roots = ("embeddings.", "encoder.", "pooler.", "img_embedding.", "LayerNorm.")
   return state, Spec(cfg, entries, optional=_pooler_keys(),
-                     ignored=("embeddings.position_ids",) + _heads(state, roots)), prefix
+                     ignored=("embeddings.position_ids",) + _heads(state, roots, prefix, outside)), prefix
 
 
 def uniter_spec(config: dict, state: dict, source: str):
-  state, prefix = strip_prefix(state, ("uniter.", "bert."))
+  state, prefix, outside = strip_prefix(state, ("uniter.", "bert."))
   fields = _bert_fields(config, source)
   fields["layer_norm_eps"] = 1e-12  # UNITER hard-codes its LayerNorm eps
   w = state.get("img_embeddings.img_linear.weight")
@@ -163,7 +180,8 @@ def uniter_spec(config: dict, state: dict, source: str):
              + _norm(i + ("pos_layer_norm",), "img_embeddings.pos_layer_norm")
              + _norm(i + ("LayerNorm",), "img_embeddings.LayerNorm"))
   roots = ("embeddings.", "img_embeddings.", "encoder.", "pooler.")
-  ignored = ("img_embeddings.mask_embedding.", "embeddings.position_ids") + _heads(state, roots)
+  ignored = (("img_embeddings.mask_embedding.", "embeddings.position_ids")
+             + _heads(state, roots, prefix, outside))
   return state, Spec(cfg, entries, optional=_pooler_keys(), ignored=ignored), prefix
 
 
@@ -174,9 +192,10 @@ _M3P_UNUSED = ("encoder_attn.", "layer_norm15.", "refine_embeddings.", "cross_al
 
 
 def m3p_spec(config: dict, state: dict, source: str):
-  if "embeddings.weight" not in state or "attentions.0.q_lin.weight" not in state:
-    raise ConvertError(f"{source}: not an M3P (XLM-style) state dict: no embeddings.weight / "
-                       "attentions.0.q_lin.weight")
+  absent = [k for k in ("embeddings.weight", "attentions.0.q_lin.weight") if k not in state]
+  if absent:
+    raise ConvertError("--family=m3p: expected M3P (XLM-style) weights with embeddings.weight and "
+                       f"attentions.0.q_lin.weight; found no {' or '.join(absent)}")
   vocab, hidden = state["embeddings.weight"].shape
   layer_ids = [re.match(r"attentions\.(\d+)\.q_lin\.weight$", k) for k in state]
   layers = 1 + max(int(m.group(1)) for m in layer_ids if m)
@@ -247,4 +266,43 @@ def read_config(src_dir: str, family: str, path: str | None = None) -> tuple[dic
     raise ConvertError(f"{path}: cannot read JSON ({e})") from e
   if not isinstance(config, dict):
     raise ConvertError(f"{path}: expected a JSON object; found {type(config).__name__}")
+  check_config_types(config, path)
   return config, path
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The config.json fields the families read: (test, what the test means).
+_FIELD_TYPES = {
+    **{name: (lambda v: _is_int(v) and v >= 1, "an integer >= 1") for name in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "img_feature_dim", "n_heads")},
+    **{name: (lambda v: _is_int(v) and v >= 0, "an integer >= 0") for name in (
+        "type_vocab_size", "pad_token_id")},
+    **{name: (lambda v: _is_number(v) and v > 0, "a number > 0") for name in (
+        "layer_norm_eps", "img_layer_norm_eps")},
+    **{name: (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)") for name in (
+        "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")},
+    **{name: (lambda v: isinstance(v, str), "a string") for name in (
+        "hidden_act", "model_type", "img_feature_type")},
+    **{name: (lambda v: isinstance(v, bool) or v in (0, 1), "true/false or 0/1") for name in (
+        "use_img_layernorm", "gelu_activation")},
+}
+
+
+def check_config_types(config: dict, path: str) -> None:
+  """ConvertError naming the first field the families read whose value has the wrong type.
+
+  `null` counts as absent for the optional eps field only (OSCAR writes it when unused).
+  """
+  for name, (ok, what) in _FIELD_TYPES.items():
+    if name not in config or (name == "img_layer_norm_eps" and config[name] is None):
+      continue
+    if not ok(config[name]):
+      raise ConvertError(f"{path}: {name}: expected {what}; found {json.dumps(config[name])[:80]}")

@@ -1,7 +1,8 @@
 """Pretrained PyTorch checkpoints -> our Flax encoder parameters, and converted checkpoints back.
 
-Reading: `.safetensors` through safetensors' numpy API (no torch); `.bin` / `.pt` / `.pth`
-through `torch.load(weights_only=True)` only, so a checkpoint can never run code on load.
+Reading: `.safetensors` through our reader, which checks the header as the safetensors library
+does (no torch); `.bin` / `.pt` / `.pth` through `torch.load(weights_only=True)` only, with a
+torch recent enough that this cannot be bypassed, so a checkpoint can never run code on load.
 Mapping: each family (`convert_families.py`) lists (our parameter path, checkpoint key, kind);
 `build_params` checks every key and shape against the encoder the checkpoint's config implies
 and names everything missing, unexpected or mis-shaped in ONE error.
@@ -15,7 +16,9 @@ A converted checkpoint directory (written by `python -m rerank.convert`):
 import dataclasses
 import glob
 import json
+import math
 import os
+import re
 import shutil
 
 import flax.linen as nn
@@ -23,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rerank import errors
 from rerank.models import encoder as encoder_lib
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError):
   """A checkpoint that cannot be converted; the message says which file/key and why."""
 
 
@@ -50,8 +54,13 @@ def find_weights(src: str) -> list[str]:
       try:
         with open(path) as f:
           shards = sorted(set(json.load(f)["weight_map"].values()))
-      except (OSError, ValueError, KeyError, AttributeError) as e:
+      except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ConvertError(f"{path}: expected a JSON object with a weight_map ({e})") from e
+      # A shard is a file of `src`: a weight_map cannot send the reader elsewhere.
+      outside = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s
+                 or s in ("", ".", "..")]
+      if outside:
+        raise ConvertError(f"{path}: weight_map: expected file names in {src}; found {outside[0]!r:.80}")
       missing = [s for s in shards if not os.path.isfile(os.path.join(src, s))]
       if missing:
         raise ConvertError(f"{path}: shard(s) {', '.join(missing)} not found in {src}")
@@ -63,15 +72,37 @@ def find_weights(src: str) -> list[str]:
   raise ConvertError(f"--src {src!r}: no weights file found (looked for {', '.join(_WEIGHT_PATTERNS)})")
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{key: float32 numpy array} from a safetensors or torch file (`{"model": ...}` unwrapped)."""
-  if path.endswith(".safetensors"):
-    return {k: _float32(v) for k, v in _read_safetensors(path)}
+# torch.load(weights_only=True) of older versions can be made to run code (advisories for
+# <= 2.5.1 and < 2.10); setup.py's `torch` extra pins the same floor.
+TORCH_MIN_VERSION = (2, 10)
+
+
+def torch_version_ok(version: str) -> bool:
+  """Whether a torch version string ("2.10.0", "2.13.0+cpu", "2.10.0a0+git...") is >= the floor."""
+  m = re.match(r"(\d+)\.(\d+)", version)
+  return bool(m) and (int(m.group(1)), int(m.group(2))) >= TORCH_MIN_VERSION
+
+
+def import_safe_torch(path: str):
+  """torch, once its version is known to load `weights_only=True` safely; else ConvertError."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ConvertError(f"{path}: reading PyTorch .bin/.pt files needs torch (pip install -e '.[torch]'),"
                        " or convert the file to .safetensors") from e
+  if not torch_version_ok(torch.__version__):
+    floor = ".".join(map(str, TORCH_MIN_VERSION))
+    raise ConvertError(f"{path}: reading PyTorch files safely needs torch >= {floor} (older versions' "
+                       f"weights_only loader can be made to run code); found torch {torch.__version__}: "
+                       f"pip install -U 'torch>={floor}', or convert the file to .safetensors")
+  return torch
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """{key: float32 numpy array} from a safetensors or torch file (`{"model": ...}` unwrapped)."""
+  if path.endswith(".safetensors"):
+    return {k: _float32(v) for k, v in _read_safetensors(path)}
+  torch = import_safe_torch(path)
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError on bad files
@@ -92,49 +123,113 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 
 
-def _read_safetensors(path: str):
-  """Yields (key, array) from a .safetensors file, reading one tensor at a time.
+@dataclasses.dataclass(frozen=True)
+class _StTensor:
+  """One tensor of a safetensors header, checked: where its bytes are and what they hold."""
+  key: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  begin: int  # byte offsets into the data buffer (after the header)
+  end: int
+
+
+def _st_dtype(name) -> np.dtype | None:
+  dtype = _ST_DTYPES.get(name) if isinstance(name, str) else None
+  if dtype == "bfloat16":
+    import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency)
+    dtype = ml_dtypes.bfloat16
+  return None if dtype is None else np.dtype(dtype)
+
+
+def _st_tensor(path: str, key: str, info) -> _StTensor:
+  """Checks one header entry as the safetensors library does; ConvertError names the tensor."""
+  where = f"{path}: tensor {key!r}"
+  if not isinstance(info, dict):
+    raise ConvertError(f"{where}: expected an object with dtype, shape, data_offsets; found "
+                       f"{type(info).__name__}")
+  missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+  if missing:
+    raise ConvertError(f"{where}: expected dtype, shape and data_offsets; missing {', '.join(missing)}")
+  dtype = _st_dtype(info["dtype"])
+  if dtype is None:
+    raise ConvertError(f"{where}: dtype: expected one of {', '.join(_ST_DTYPES)}; found {info['dtype']!r}")
+  shape, offsets = info["shape"], info["data_offsets"]
+  is_count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+  if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+    raise ConvertError(f"{where}: shape: expected a list of non-negative integers; found {shape!r}")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+          and offsets[0] <= offsets[1]):
+    raise ConvertError(f"{where}: data_offsets: expected [begin, end] with 0 <= begin <= end; "
+                       f"found {offsets!r}")
+  nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape cannot wrap around
+  if offsets[1] - offsets[0] != nbytes:
+    raise ConvertError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes but shape "
+                       f"{shape} {info['dtype']} needs {nbytes}")
+  return _StTensor(key, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_safetensors_header(path: str) -> tuple[int, list[_StTensor]]:
+  """(byte offset of the data buffer, tensors in file order) of a .safetensors file, checked.
 
   The format is an 8-byte little-endian header size, a JSON header {key: {dtype, shape,
-  data_offsets}}, then raw little-endian buffers. Reading it directly keeps peak memory at one
-  copy of the weights: safetensors' own numpy loader maps the file and copies every tensor,
-  twice the checkpoint at its peak (measured with rerank.convert_benchmark). Tests check this
-  reader against `safetensors.numpy.load_file`.
+  data_offsets}, "__metadata__": {str: str}}, then the raw little-endian buffers. As the
+  safetensors library requires, the tensors must tile the buffer exactly: the first starts at 0,
+  each starts where the previous ends, the last ends at the end of the file. So no tensor can
+  read the header, overlap another or point past the file. Raises ConvertError naming the file
+  and, where one is to blame, the tensor.
   """
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     raw = f.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    if n < 0 or 8 + n > size:
+    if n < 0 or 8 + n > size or n > _ST_MAX_HEADER:
       raise ConvertError(f"{path}: safetensors header claims {n} bytes but the file has {size}; "
                          "the file is truncated or not safetensors")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ConvertError(f"{path}: unreadable safetensors header ({e}); the file may be truncated") from e
-    header.pop("__metadata__", None)
-    for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-      dtype = _ST_DTYPES.get(info.get("dtype"))
-      if dtype is None:
-        raise ConvertError(f"{path}: tensor {key}: unsupported dtype {info.get('dtype')!r}")
-      if dtype == "bfloat16":
-        import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency)
-        dtype = ml_dtypes.bfloat16
-      begin, end = info["data_offsets"]
-      shape = tuple(info["shape"])
-      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-      if end - begin != nbytes:
-        raise ConvertError(f"{path}: tensor {key}: {end - begin} bytes for shape {shape} {info['dtype']}")
-      if 8 + n + end > size:
-        raise ConvertError(f"{path}: tensor {key} ends at byte {8 + n + end} but the file has {size}; "
-                           "the file is truncated")
-      out = np.empty(shape, dtype)
-      f.seek(8 + n + begin)
-      if f.readinto(out.reshape(-1).view(np.uint8)) != nbytes:
-        raise ConvertError(f"{path}: tensor {key}: short read; the file is truncated")
-      yield key, out
+    text = f.read(n)
+  try:
+    header = json.loads(text.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConvertError(f"{path}: unreadable safetensors header ({e}); the file may be truncated") from e
+  if not isinstance(header, dict):
+    raise ConvertError(f"{path}: safetensors header: expected a JSON object; found {type(header).__name__}")
+  metadata = header.pop("__metadata__", None)
+  if metadata is not None and not (isinstance(metadata, dict)
+                                   and all(isinstance(v, str) for v in metadata.values())):
+    raise ConvertError(f"{path}: safetensors __metadata__: expected an object of strings; "
+                       f"found {metadata!r:.80}")
+  tensors = sorted((_st_tensor(path, k, v) for k, v in header.items()), key=lambda t: (t.begin, t.end))
+  pos = 0
+  for t in tensors:
+    if t.begin != pos:
+      raise ConvertError(f"{path}: tensor {t.key!r}: data_offsets [{t.begin}, {t.end}] "
+                         f"{'overlap the previous tensor' if t.begin < pos else 'leave a gap'} "
+                         f"(expected it to start at {pos})")
+    pos = t.end
+  if 8 + n + pos != size:
+    raise ConvertError(f"{path}: tensors end at byte {8 + n + pos} but the file has {size} bytes; "
+                       "the file is truncated or has trailing data")
+  return 8 + n, tensors
+
+
+def _read_safetensors(path: str):
+  """Yields (key, array) from a .safetensors file, reading one tensor at a time.
+
+  Reading it directly keeps peak memory at one copy of the weights: safetensors' own numpy
+  loader maps the file and copies every tensor, twice the checkpoint at its peak (measured with
+  rerank.convert_benchmark). The header is checked first (`read_safetensors_header`); tests
+  check this reader against `safetensors.numpy.load_file`.
+  """
+  start, tensors = read_safetensors_header(path)
+  with open(path, "rb") as f:
+    for t in tensors:
+      out = np.empty(t.shape, t.dtype)
+      f.seek(start + t.begin)
+      if f.readinto(out.reshape(-1).view(np.uint8)) != t.end - t.begin:
+        raise ConvertError(f"{path}: tensor {t.key!r}: short read; the file is truncated")
+      yield t.key, out
 
 
 def _float32(x: np.ndarray) -> np.ndarray:
@@ -213,11 +308,11 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
     fresh: our path prefixes that are new by design for this family (e.g. BERT's region
       embedding), freshly initialised and reported.
   Raises:
-    ConvertError listing every missing, unexpected and mis-shaped key.
+    ConvertError listing every missing, unexpected, mis-shaped and non-finite (NaN/inf) key.
   """
   shapes = expected_shapes(cfg)
   by_path = {e.path: e for e in entries}
-  missing, mismatched, report_fresh = [], [], []
+  missing, mismatched, nonfinite, report_fresh = [], [], [], []
   for e in entries:
     if e.path not in shapes:
       raise AssertionError(f"converter bug: {e.path} is not an encoder parameter")
@@ -228,6 +323,9 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
     want = _source_shape(e, shapes[e.path])
     if tuple(state[e.key].shape) != want:
       mismatched.append(f"{e.key}: checkpoint {tuple(state[e.key].shape)}, config implies {want}")
+    elif not np.isfinite(state[e.key]).all():
+      bad = int(np.size(state[e.key]) - np.isfinite(state[e.key]).sum())
+      nonfinite.append(f"{e.key} ({bad} of {np.size(state[e.key])} values)")
   used = {e.key for e in entries}
   ignored_keys = sorted(k for k in state if k not in used and k.startswith(tuple(ignored)))
   unexpected = sorted(k for k in state if k not in used and k not in ignored_keys)
@@ -239,6 +337,9 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
   if problems:
     raise ConvertError(f"{source}: does not match the {cfg.num_layers}-layer, {cfg.hidden_size}-wide "
                        f"encoder its config describes. " + " | ".join(problems))
+  if nonfinite:
+    raise ConvertError(f"{source}: expected finite weights; found NaN or inf in {len(nonfinite)} "
+                       f"tensor(s): {'; '.join(nonfinite[:20])}")
   rng = np.random.default_rng(seed)
   tree, loaded = {}, 0
   for path, shape in sorted(shapes.items()):
@@ -321,8 +422,47 @@ def is_converted(path: str) -> bool:
 
 
 def read_meta(path: str) -> dict:
-  with open(os.path.join(path, "model.json")) as f:
-    return json.load(f)
+  """model.json of a converted checkpoint, its encoder config checked; ConvertError naming it."""
+  file = os.path.join(path, "model.json")
+  try:
+    with open(file, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConvertError(f"{file}: expected the JSON that python -m rerank.convert writes; found "
+                       f"invalid JSON ({e})") from e
+  if not isinstance(meta, dict) or not isinstance(meta.get("encoder"), dict):
+    raise ConvertError(f"{file}: expected an object with an \"encoder\" object (the encoder config); "
+                       f"found {json.dumps(meta)[:80]}")
+  _check_encoder_fields(file, meta["encoder"])
+  return meta
+
+
+def _field_ok(kind, value) -> bool:
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind == (float | None):
+    return value is None or _field_ok(float, value)
+  return isinstance(value, kind)
+
+
+def _check_encoder_fields(file: str, fields: dict) -> None:
+  """ConvertError naming the first encoder field of model.json that EncoderConfig cannot take."""
+  kinds = {f.name: f.type for f in dataclasses.fields(encoder_lib.EncoderConfig)}
+  for name, value in fields.items():
+    if name not in kinds:
+      raise ConvertError(f"{file}: encoder.{name}: expected one of the encoder's fields "
+                         f"({', '.join(kinds)}); found an unknown field")
+    if not _field_ok(kinds[name], value):
+      want = getattr(kinds[name], "__name__", str(kinds[name]))
+      raise ConvertError(f"{file}: encoder.{name}: expected {want}; found {json.dumps(value)[:80]}")
+  try:
+    encoder_lib.EncoderConfig(**fields)
+  except (TypeError, ValueError) as e:  # a required field missing, or a value out of range
+    raise ConvertError(f"{file}: encoder: {e}") from e
 
 
 def encoder_config(meta: dict, **overrides) -> encoder_lib.EncoderConfig:

@@ -6,25 +6,32 @@ temporary directory and renames it when complete, so a crash never leaves a half
 that looks finished; saves are asynchronous, so training continues while they are written.
 """
 
-import os
-
 import orbax.checkpoint as ocp
+
+from rerank import paths
 
 
 class Checkpoints:
   """The two managers of a workdir."""
 
   def __init__(self, workdir: str, keep: int = 2, async_save: bool = True):
-    workdir = os.path.abspath(workdir)
+    workdir = paths.path(workdir)  # local (made absolute) or gs://
+    # Both managers may save the same step at once (the last step is often a dev-evaluation
+    # step too); orbax names its multi-process barriers by step ("_async_write_complete.6"),
+    # so each manager needs its own prefix or the second save's barrier collides and times out.
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=True))
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="latest")))
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, "best"),
+        workdir / "best",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m["dev_score"], best_mode="max",
-            enable_async_checkpointing=async_save, create=True))
+            enable_async_checkpointing=async_save, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")))
 
   def save(self, step: int, state) -> None:
     self.latest.save(step, args=ocp.args.StandardSave(state), force=True)

@@ -16,6 +16,7 @@ is given; the check that reads the disk (`init_from`) unless `files=False`.
 import math
 from numbers import Number
 
+from rerank import errors
 from rerank.data import datasets
 from rerank.data import prepared
 from rerank.indexing import indexes
@@ -29,7 +30,7 @@ CE_LOSSES = ("pairwise", "listwise")
 _MISSING = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """A run that cannot start: a bad config or workdir. `problems` holds one line per problem."""
 
   def __init__(self, problems):

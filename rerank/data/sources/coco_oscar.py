@@ -28,6 +28,12 @@ def _torch():
   except ImportError as e:
     raise RuntimeError("coco_oscar reads torch .pt files: install the optional extra "
                        "(pip install -e '.[torch]')") from e
+  # Older weights_only loaders can be made to run code: the floor of setup.py's torch extra,
+  # checked as rerank.models.pretrained.import_safe_torch does (data may not import models).
+  if tuple(int("".join(filter(str.isdigit, p)) or 0) for p in torch.__version__.split(".")[:2]) < (2, 10):
+    raise common.BadInput("bad_file", f"torch {torch.__version__}", "reading .pt files safely needs "
+                          "torch >= 2.10 (older weights_only loaders can be made to run code): "
+                          "pip install -U 'torch>=2.10'")
   return torch
 
 

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from rerank import errors
+
 FEATURE_DIM = 2048
 REGION_DIM = FEATURE_DIM + 6  # feature + [x1/W, y1/H, x2/W, y2/H, w/W, h/H]
 MAX_REGIONS = 100  # the detectors behind every release keep 10-100 boxes
@@ -22,7 +24,7 @@ KINDS = ("malformed_row", "bad_width", "non_finite", "bad_region_count", "duplic
          "caption_without_image", "image_without_captions", "empty_caption", "missing_file")
 
 
-class BadInput(ValueError):
+class BadInput(errors.UserError):
   """One bad item in a source release: where it is (file:line, or file + id) and why."""
 
   def __init__(self, kind: str, where: str, reason: str):
