@@ -55,16 +55,21 @@ def param_shardings(model, mode, mesh, rules):
 
 
 def place(tree, shardings):
-  """`tree` laid out by `shardings`: host arrays are copied slice by slice (each process its own
-  devices' slices), device arrays resharded by one jitted identity."""
-  def one(x, sh):
+  """`tree` laid out by `shardings` (matched by path; a leaf they do not name is replicated: a
+  converted checkpoint has no CE head): host arrays are copied slice by slice (each process its
+  own devices' slices), device arrays resharded by one jitted identity."""
+  table = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
+  whole = NamedSharding(next(iter(table.values())).mesh, jax.sharding.PartitionSpec())
+
+  def one(path, x):
+    sh = table.get(path, whole)
     if isinstance(x, jax.Array) and x.sharding == sh:
       return x
     if isinstance(x, jax.Array) and not (x.is_fully_addressable and jax.process_count() > 1):
       return jax.jit(lambda a: a, out_shardings=sh)(x)
     x = np.asarray(x)  # a host copy (every process holds the same)
     return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-  return jax.tree_util.tree_map(one, tree, shardings)
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def slot_owners(batch_sharding: NamedSharding, size: int) -> np.ndarray:
