@@ -43,8 +43,9 @@ ARGS = ["--config.total_steps=40", "--config.lr=2e-3", "--config.eval_every=0",
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **JAX_CACHE, **extra)
-  env.pop("XLA_FLAGS", None)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **JAX_CACHE)
+  env.pop("XLA_FLAGS", None)  # one device unless `extra` says otherwise
+  env.update(extra)
   return env
 
 
