@@ -13,9 +13,10 @@ query adds its k CE pairs to its share of that.
 `pairs`); over a `sharded.ShardedEngine` the work is split between all devices and processes
 (each process scores a share of the CE/RR queries; `pairs_scored` records the pairs per
 process) and the BE first stage searches the corpus in per-process shards. The final
-evaluation keeps finished parts on disk (`rerank.evaluation.parts`) so it survives preemption; `evaluate_config` runs it on `config.eval.split` (a split, a fold mean or an enlarged
-corpus, `rerank.data.eval_sets`); `evaluate_workdir` restores a training workdir first
-(`python -m rerank.evaluate`).
+evaluation keeps finished parts on disk (`rerank.evaluation.parts`) so it survives preemption.
+`evaluate_config` runs it on `config.eval.split` (a split, a fold mean or an enlarged corpus,
+`rerank.data.eval_sets`); `evaluate_workdir` restores a training workdir onto the config's
+mesh first (`python -m rerank.evaluate`).
 """
 
 import copy
@@ -217,6 +218,8 @@ def evaluate_config(scorer, config, tokenizer, spec: str | None = None, log=prin
   if average:
     protocol = f"mean over {len(sets)} folds of {first.data.num_images} images"
     rows = eval_sets.mean_rows(per_set)
+    for i, row in enumerate(rows):  # the work of every fold
+      row["pairs_scored"] = _sum_counts(*[fold[i]["pairs_scored"] for fold in per_set])
   elif first.query_texts is not None:
     protocol = (f"enlarged corpus: queries and relevance from {spec.split('+')[0]} only, "
                 f"distractors from {', '.join(spec.split('+')[1:])}")

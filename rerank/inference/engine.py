@@ -12,6 +12,9 @@ benchmark), so restoring, padding and bucketing are written once:
   rounded up to a multiple of 8, so a run compiles a handful of shapes. Parameters are jit
   arguments: `set_params` swaps weights without recompiling (the trainer's dev evaluation).
 - `DataScorer`: the same three over rows of a `RetrievalData` (what evaluation and mining use).
+`rerank.inference.sharded.ShardedEngine` is an `Engine` over a device mesh (every device of
+every process, parameters laid out by the config's rules): evaluation, indexing, encoding and
+mining run on it; `Engine` itself is the one-device case.
 """
 
 import dataclasses
