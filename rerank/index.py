@@ -21,6 +21,7 @@ from rerank import cli
 from rerank.data import datasets
 from rerank.indexing import indexes
 from rerank.inference import engine
+from rerank.inference import sharded
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +51,7 @@ def build_index(checkpoint: str, out: str, dataset: str | None = None, split: st
   if target_recall is not None and not 0 <= target_recall <= 1:
     raise ValueError(f"--target_recall: expected a recall in [0, 1]; found {target_recall}")
   try:
-    restored = engine.restore_workdir(checkpoint)
+    restored = sharded.restore_workdir(checkpoint)  # on the config's mesh, every device
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise ValueError(f"--checkpoint={checkpoint}: {e}") from e
   config = restored.config
@@ -66,7 +67,7 @@ def build_index(checkpoint: str, out: str, dataset: str | None = None, split: st
     raise ValueError(f"--split={split}: {e}") from e
   log(f"embedding {data.num_images} images of {config.dataset.name}/{split} with "
       f"{restored.description} of {restored.path}", flush=True)
-  emb = restored.engine(config.eval.batch_size).embed_images(
+  emb = sharded.engine_for(restored, config.eval.batch_size).embed_images(
       *engine.image_rows(data, np.arange(data.num_images)), desc="embed")  # [N, H]
   cfg = config.get("index")
   backend = backend or (cfg.backend if cfg is not None else "auto")

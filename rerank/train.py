@@ -31,7 +31,9 @@ from rerank.data import batches
 from rerank.data import datasets
 from rerank.data import prefetch
 from rerank.evaluation import evaluator
+from rerank.evaluation import parts
 from rerank.inference import engine
+from rerank.inference import sharded
 from rerank.models import build
 from rerank.models import modes
 from rerank.models import pretrained
@@ -106,14 +108,16 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
                        out_shardings=(layout.state, layout.replicated))
 
   # ---------------------------------------------------------------- evaluators
-  # Every process evaluates alike on its own first device, from a gathered copy of the params.
-  scorer = engine.DataScorer(engine.Engine(model, config.mode, config.eval.batch_size))
-  local = lambda params: scorer.set_params(sharding.local_replica(params, mesh))  # noqa: E731
+  # One jitted program over the training mesh, parameters where training keeps them; the
+  # processes share the rows and queries (rerank/inference/sharded.py).
+  scorer = engine.DataScorer(sharded.ShardedEngine(model, config.mode, config.eval.batch_size,
+                                                   mesh, layout.rules))
+  local = scorer.set_params
 
   def dev_score(params) -> float:
     """Mean of R@1/5/10 both directions on dev: BE when the mode has one, else CE on a sample."""
     methods = ("BE",) if mode.has_be else ("CE",)
-    rows = evaluator.evaluate(local(params), dev, config.mode, config.eval,
+    rows = evaluator.evaluate(local(params), dev, config.mode, evaluator.dev_config(config.eval),
                               seed=config.seed, methods=methods, log=lambda *_: None)
     return rows[0]["mR"]
 
@@ -206,13 +210,22 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
       params, which = ckpts.restore_params(state, prefer_best=True)
   log(f"evaluating {which} parameters")
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
-  results = evaluator.evaluate_config(local(params), config, tokenizer, log=log,
-                                      num_images=ds.num_test_images or None)
+  # Finished parts are kept in the workdir; SIGTERM stops between them and a rerun goes on.
+  try:
+    with parts.Sigterm(first=total) as stop:
+      store = evaluator.final_parts(workdir, config, which, stop, log)
+      results = evaluator.evaluate_config(local(params), config, tokenizer, log=log,
+                                          num_images=ds.num_test_images or None, parts=store)
+  except parts.Interrupted as e:
+    log(f"stopped before evaluation part {e} (SIGTERM); finished parts kept in "
+        f"{workdir}/eval_parts, rerun the same command to continue", flush=True)
+    return None
   results["checkpoint"] = which
   if is_main:
     table = evaluator.write_results(workdir, results)
     log("\n" + table)
     log(f"wrote {workdir}/results.json, results.md, metrics.jsonl")
+  store.discard()
   return results
 
 
