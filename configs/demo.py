@@ -110,17 +110,26 @@ def get_config(arg=None):
   c.rules = dict(sharding.RULES[arg.sharding])
   c.grad_accum = 1  # micro-batches per update (changes in-batch-negative losses; see steps.py)
 
-  # eval.k: the rerank depth (BE top k reranked by the CE), for evaluation and for search.
+  # eval.k: the rerank depth (BE top k reranked by the CE), for evaluation and for search;
+  # exactly k candidates, also below 10 (the authors' evaluator reranks max(k, 10)).
+  # eval.fusion: RR's order inside the top k, "standard" (the CE alone), "combination"
+  # ((1 - w) * CE + w * cosine), "combination_normalized" (both min-max normalised per query
+  # first) or "rank" (mixing the two ranks); w = eval.fusion_weight (the paper's Table 9).
   # eval.index: the BE first stage, "exact" (brute force), "scann", "jax" (on-device top-k)
   # or "auto" (exact up to index.exact_max items, else ScaNN).
   c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=50,
-                rr_queries_t2i=0, rr_queries_i2t=0, use_best=True, index="exact")  # 0 = all queries
+                rr_queries_t2i=0, rr_queries_i2t=0, use_best=True, index="exact",
+                fusion="standard", fusion_weight=0.0)  # 0 = all queries
   if arg.pretrain:
     c.eval.update(ce_queries_t2i=30, ce_queries_i2t=6)
   # Index built by `python -m rerank.index` (and used by evaluation when eval.index != exact).
   # ScaNN fields at 0 are chosen from the corpus size (rerank/indexing/indexes.py: scann_params).
+  # target_recall: the leaves to search are the fewest whose recall@recall_k against exact search
+  # reaches it on calibration_queries held-out queries, measured at build time and kept in the
+  # index metadata (rerank/indexing/calibrate.py); a leaves_to_search > 0 fixes the count instead.
   c.index = dict(backend="auto", exact_max=20_000, num_leaves=0, leaves_to_search=0, reorder=0,
-                 dims_per_block=0, aq_threshold=0.0, training_sample=0)
+                 dims_per_block=0, aq_threshold=0.0, training_sample=0, target_recall=0.95,
+                 recall_k=20, calibration_queries=1000)
   # Search / Retriever: rerank the BE top eval.k (the one rerank depth) with the CE; fusion
   # "ce" (CE score alone, the authors' default) or "mix" (alpha * P_CE + (1 - alpha) * cosine).
   c.search = dict(fusion="ce", alpha=0.5, query_block=8)

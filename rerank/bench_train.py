@@ -1,6 +1,6 @@
 r"""Training throughput benchmark: pairs/s and model-FLOPs utilisation (MFU) on the present devices.
 
-  python -m rerank.bench_train [--quick] [--sizes=tiny,base] [--out=bench.json]
+  python -m rerank.bench_train [--quick] [--sizes=tiny,base] [--noinput] [--out=bench.json]
 
 Measures, in one run: the device's dense matmul peak (an N x N x N product in the compute
 dtype, the best of several timed repetitions), then for each encoder size the time of one
@@ -14,11 +14,23 @@ counted), the usual definition. Data parallel over every local device (set up by
 float32 master weights on GPU/TPU, float32 on CPU. `--quick` shrinks the shapes so the run
 takes a minute on a laptop CPU (figures then only show the script works).
 
+Input (unless --noinput): the trainer's input at the same shapes, timed next to the step. A
+synthetic Flickr30k-format release (`rerank.data.benchmark.write_release`: 10-100 regions of
+2048 features per image, 5 captions) is prepared into a temporary directory and read as the
+trainer reads it: `input ms/batch` is one batch made the trainer's way, synchronously
+(`train_batch(lazy=True)`: rows and negatives, then `shard_batch`: region reads and the copy
+to the devices); `fed ms/step` is a training step fed by the trainer's prefetching input
+(`rerank.data.prefetch`, one producer thread per host). Training is input-bound when input
+ms/batch exceeds ms/step; fed ms/step then follows the input, not the model.
+
 Needs nothing but the package's own modules and jax/flax/optax; no data or checkpoints.
 """
 
+import functools
 import json
 import os
+import shutil
+import tempfile
 import time
 
 from absl import flags
@@ -28,6 +40,12 @@ import ml_collections
 import numpy as np
 
 from rerank import cli
+from rerank.data import batches
+from rerank.data import benchmark as data_benchmark
+from rerank.data import datasets
+from rerank.data import prefetch
+from rerank.data import prepare
+from rerank.data import tfds_builders
 from rerank.training import sharding
 from rerank.training import steps
 from rerank.models import encoder as encoder_lib
@@ -49,6 +67,7 @@ def define_flags():
   flags.DEFINE_integer("batch", 0, "captions per step (0 = 128, quick: 8)")
   flags.DEFINE_integer("iters", 0, "timed steps (0 = 20, quick: 2)")
   flags.DEFINE_bool("remat", False, "rematerialise each layer in the backward pass")
+  flags.DEFINE_bool("input", True, "also time the trainer's input (prepared synthetic release)")
   flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
@@ -115,9 +134,47 @@ def _random_batch(batch: int, text_len: int, regions: int, seed: int = 0) -> dic
                  "labels": np.concatenate([np.ones(batch, np.int32), np.zeros(batch, np.int32)])}}
 
 
+PARTS = ("be", "ce")  # the batch parts joint_alternate trains
+
+
+def prepare_input(root: str, num_images: int, text_len: int, regions: int,
+                  log) -> batches.RetrievalData:
+  """The train split of a synthetic Flickr30k-format release prepared under `root`, read as the
+  trainer reads it (region features from the prepared files, captions tokenised to text_len)."""
+  src, out = os.path.join(root, "src"), os.path.join(root, "data")
+  t0 = time.perf_counter()
+  tfds_builders.quiet()
+  data_benchmark.write_release(src, num_images)
+  prepare.prepare("flickr30k_butd", src, out, splits=["train"])
+  cfg = ml_collections.ConfigDict(dict(
+      dataset=dict(name="flickr30k_butd", data_dir=out, tokenizer=os.path.join(src, "vocab.txt")),
+      max_regions=regions, max_text_len=text_len))
+  data, _ = datasets.load_split(cfg, "train", datasets.get_tokenizer(cfg))
+  log(f"input: a prepared release of {data.num_images} images / {data.num_texts} captions, "
+      f"10-100 regions each ({time.perf_counter() - t0:.0f}s to write and prepare)")
+  return data
+
+
+def make_batch(data: batches.RetrievalData, batch: int, layout, step: int):
+  """The trainer's batch of `step`: rows and negatives, region reads, copy to the devices."""
+  lazy = batches.train_batch(data, PARTS, batch, 0, step, lazy=True)
+  return sharding.shard_batch(lazy, layout.batch)
+
+
+def time_input(data: batches.RetrievalData, batch: int, layout, iters: int) -> float:
+  """Seconds per batch made synchronously, after one warm-up batch."""
+  jax.block_until_ready(make_batch(data, batch, layout, 0))
+  t0 = time.perf_counter()
+  for step in range(1, iters + 1):
+    jax.block_until_ready(make_batch(data, batch, layout, step))
+  return (time.perf_counter() - t0) / iters
+
+
 def bench_size(size: str, batch: int, text_len: int, regions: int, dtype: str, warmup: int,
-               iters: int, remat: bool = False, log=None) -> dict:
-  """Times `iters` training steps of `size` after `warmup` (compile included there)."""
+               iters: int, remat: bool = False, log=None,
+               data: batches.RetrievalData | None = None) -> dict:
+  """Times `iters` training steps of `size` after `warmup` (compile included there); with
+  `data`, also the input per batch and `iters` steps fed by the prefetching input."""
   config, model_cfg = _config(size, batch, text_len, regions, dtype, remat)
   model = heads.RetrievalModel(model_cfg, cls_token_id=1)
   tx = steps.optimizer(config)
@@ -125,29 +182,39 @@ def bench_size(size: str, batch: int, text_len: int, regions: int, dtype: str, w
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
   step = jax.jit(steps.make_train_step(model, config, tx), donate_argnums=(0,),
                  in_shardings=(layout.state, layout.batch))
-  data = sharding.shard_batch(_random_batch(batch, text_len, regions), layout.batch)
+  fixed = sharding.shard_batch(_random_batch(batch, text_len, regions), layout.batch)
   t0 = time.perf_counter()
   for _ in range(warmup):
-    state, metrics = step(state, data)
+    state, metrics = step(state, fixed)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(iters):
-    state, metrics = step(state, data)
+    state, metrics = step(state, fixed)
   loss = float(jax.block_until_ready(metrics)["loss"])
   step_s = (time.perf_counter() - t0) / iters
   if not np.isfinite(loss):
     raise FloatingPointError(f"{size}: non-finite loss {loss}")
   hidden, layers, _, mlp = SIZES[size]
   flops = step_flops(batch, text_len, regions, hidden, layers, mlp)
-  return {"size": size, "params_m": n_params / 1e6, "batch": batch, "text_len": text_len,
-          "regions": regions, "step_ms": step_s * 1e3, "pairs_per_step": 3 * batch,
-          "pairs_per_s": 3 * batch / step_s, "model_tflop_per_step": flops / 1e12,
-          "model_tflops": flops / step_s / 1e12, "warmup_s": compile_s, "iters": iters}
+  row = {"size": size, "params_m": n_params / 1e6, "batch": batch, "text_len": text_len,
+         "regions": regions, "step_ms": step_s * 1e3, "pairs_per_step": 3 * batch,
+         "pairs_per_s": 3 * batch / step_s, "model_tflop_per_step": flops / 1e12,
+         "model_tflops": flops / step_s / 1e12, "warmup_s": compile_s, "iters": iters}
+  if data is not None:
+    row["input_ms"] = time_input(data, batch, layout, iters) * 1e3
+    # Timed from the feed's start: the first step waits for its batch, as after a resume.
+    t0 = time.perf_counter()
+    with prefetch.Feed(functools.partial(make_batch, data, batch, layout), iters) as feed:
+      for s in range(1, iters + 1):
+        state, metrics = step(state, feed(s))
+      jax.block_until_ready(metrics)
+    row["fed_step_ms"] = (time.perf_counter() - t0) / iters * 1e3
+  return row
 
 
 def run_benchmark(sizes, quick: bool = False, batch: int = 0, iters: int = 0, remat: bool = False,
-                  log=None) -> dict:
+                  log=None, with_input: bool = False) -> dict:
   """The matmul peak, then each size's training step: the dict bench.json holds.
 
   Args:
@@ -157,6 +224,8 @@ def run_benchmark(sizes, quick: bool = False, batch: int = 0, iters: int = 0, re
     iters: timed steps (0 = 20, quick: 2).
     remat: rematerialise each layer in the backward pass.
     log: gets the progress lines (default: print them).
+    with_input: also time the trainer's input on a prepared synthetic release (see the module
+      docstring): `input_ms` and `fed_step_ms` per row.
   Raises:
     ValueError: an unknown size or a batch the devices do not divide (named as its flag).
   """
@@ -179,16 +248,31 @@ def run_benchmark(sizes, quick: bool = False, batch: int = 0, iters: int = 0, re
   log(f"device: {dev.device_kind} ({dev.platform}) x {devices}; compute {dtype}; "
       f"measured matmul peak {peak:.4g} TFLOP/s ({n}^3 {dtype} products, all devices)")
   rows = []
-  for size in sizes:
-    row = bench_size(size, batch, text_len, regions, dtype, warmup=2, iters=iters, remat=remat,
-                     log=log)
-    row["mfu"] = row["model_tflops"] / peak
-    rows.append(row)
-    log(f"  {size}: {row['step_ms']:.1f} ms/step, {row['pairs_per_s']:.0f} pairs/s, "
-        f"MFU {100 * row['mfu']:.1f}%")
+  root = tempfile.mkdtemp(prefix="rerank-bench-train-") if with_input else None
+  try:
+    # Twice the batch in images: every batch reads a different mix of them.
+    data = prepare_input(root, 2 * batch, text_len, regions, log) if with_input else None
+    for size in sizes:
+      row = bench_size(size, batch, text_len, regions, dtype, warmup=2, iters=iters, remat=remat,
+                       log=log, data=data)
+      row["mfu"] = row["model_tflops"] / peak
+      rows.append(row)
+      log(f"  {size}: {row['step_ms']:.1f} ms/step, {row['pairs_per_s']:.0f} pairs/s, "
+          f"MFU {100 * row['mfu']:.1f}%" + _input_line(row))
+  finally:
+    if root:
+      shutil.rmtree(root, ignore_errors=True)
   return {"device": dev.device_kind, "platform": dev.platform, "devices": devices,
           "dtype": dtype, "peak_tflops": peak, "peak_matmul_n": n, "quick": quick,
           "remat": remat, "jax": jax.__version__, "rows": rows}
+
+
+def _input_line(row: dict) -> str:
+  if "input_ms" not in row:
+    return ""
+  bound = "input-bound" if row["input_ms"] > row["step_ms"] else "not input-bound"
+  return (f"; input {row['input_ms']:.1f} ms/batch, fed by prefetch {row['fed_step_ms']:.1f} "
+          f"ms/step ({bound})")
 
 
 def table(result: dict) -> str:
@@ -198,12 +282,14 @@ def table(result: dict) -> str:
   lines = [f"joint_alternate training step, batch {batch} captions ({3 * batch} pairs: "
            f"{batch} BE + {2 * batch} CE), text {text_len}, regions {regions}, "
            f"{result['dtype']}{', remat' if result['remat'] else ''}",
-           "| size | params (M) | ms/step | pairs/s | model GFLOP/step | model TFLOP/s | MFU |",
-           "|---|---|---|---|---|---|---|"]
+           "| size | params (M) | ms/step | pairs/s | model GFLOP/step | model TFLOP/s | MFU |"
+           " input ms/batch | fed ms/step |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in result["rows"]:
+    inputs = (f"{r['input_ms']:.1f} | {r['fed_step_ms']:.1f}" if "input_ms" in r else "- | -")
     lines.append(f"| {r['size']} | {r['params_m']:.1f} | {r['step_ms']:.1f} | "
                  f"{r['pairs_per_s']:.0f} | {1e3 * r['model_tflop_per_step']:.1f} | "
-                 f"{r['model_tflops']:.4g} | {100 * r['mfu']:.1f}% |")
+                 f"{r['model_tflops']:.4g} | {100 * r['mfu']:.1f}% | {inputs} |")
   return "\n".join(lines)
 
 
@@ -211,7 +297,8 @@ def main(argv):
   del argv
   sizes = [s for s in FLAGS.sizes.split(",") if s]
   try:
-    result = run_benchmark(sizes, FLAGS.quick, FLAGS.batch, FLAGS.iters, FLAGS.remat)
+    result = run_benchmark(sizes, FLAGS.quick, FLAGS.batch, FLAGS.iters, FLAGS.remat,
+                           with_input=FLAGS.input)
   except ValueError as e:
     cli.fail(f"--{e}")
   print("\n" + table(result))

@@ -13,9 +13,9 @@ output or a `python -m rerank.train` workdir (its best checkpoint, else the newe
 
 From Python (the engine this CLI runs on):
 
-  from rerank.inference import engine
+  from rerank.inference import engine, sharded
   m = engine.restore(DIR)                      # converted checkpoint or training workdir
-  e = m.engine(batch_size=64, normalize=False)
+  e = sharded.engine_for(m, 64, normalize=False)  # over every device (m.engine(): one device)
   e.embed_texts(*m.text_inputs(["a dog"]))     # [1, H]
   e.embed_images(*m.image_inputs(regions, mask))
 """
@@ -28,6 +28,7 @@ import numpy as np
 from rerank import cli
 from rerank import errors
 from rerank.inference import engine
+from rerank.inference import sharded
 
 FLAGS = flags.FLAGS
 
@@ -109,7 +110,8 @@ def encode(checkpoint: str, texts_path: str | None = None, images_path: str | No
     model = engine.restore(checkpoint, max_text_len=max_text_len or None, max_regions=max_regions)
   except FileNotFoundError as e:
     raise ValueError(str(e)) from e
-  eng = model.engine(batch_size, normalize=False)  # raw masked means, as documented
+  # Raw masked means, as documented; the batches split over every device.
+  eng = sharded.engine_for(model, batch_size, normalize=False)
   if texts_path:
     emb = eng.embed_texts(*model.text_inputs(read_texts(texts_path)), desc="texts")
   else:

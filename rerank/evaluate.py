@@ -1,10 +1,14 @@
 r"""Re-evaluates a trained workdir: BE / CE / RR rows into results.json and results.md.
 
   python -m rerank.evaluate --config=configs/demo.py --workdir=DIR [--latest] [--out=DIR]
+  launch/local_multiprocess.sh 2 python -m rerank.evaluate --config=... --workdir=DIR
 
 Evaluates the best-by-dev (else the newest; `--latest`: the newest) checkpoint of DIR on
-`config.eval.split` and writes DIR/results.json and DIR/results.md (or into --out).
-From Python: `rerank.evaluation.evaluator.evaluate_workdir(config, workdir, latest)`.
+`config.eval.split` and writes DIR/results.json and DIR/results.md (or into --out). The work
+runs over every device of every process (the config's mesh and rules; multi-host jobs are
+detected as by the trainer). Finished parts are kept under OUT/eval_parts/ until the results
+are written: SIGTERM stops at the next part and exits 0, and the same command continues.
+From Python: `rerank.evaluation.evaluator.evaluate_workdir(config, workdir, latest, out=...)`.
 """
 
 import os
@@ -13,6 +17,8 @@ from absl import flags
 
 from rerank import cli
 from rerank.evaluation import evaluator
+from rerank.evaluation import parts
+from rerank.training import distributed
 
 FLAGS = flags.FLAGS
 
@@ -28,6 +34,10 @@ def define_flags():
 def main(argv):
   del argv
   cli.quiet_library_logs()
+  try:
+    distributed.initialize()  # before any device is touched
+  except ValueError as e:
+    cli.fail(str(e))
   config = cli.load_config()
   workdir = FLAGS.workdir
   if not workdir or not os.path.isdir(workdir):
@@ -37,17 +47,23 @@ def main(argv):
   if not any(os.path.isdir(d) and os.listdir(d) for d in ckpt_dirs):
     cli.fail(f"no checkpoint in {workdir!r} (looked in {', '.join(ckpt_dirs)}); "
              "train first or pass the workdir of a trained run")
-  try:
-    results = evaluator.evaluate_workdir(config, workdir, latest=FLAGS.latest)
-  except (ValueError, FileNotFoundError) as e:
-    cli.fail(str(e))
   out = FLAGS.out or workdir
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     cli.fail(f"--out {out!r}: cannot create it ({e.strerror})")
-  print("\n" + evaluator.write_results(out, results))
-  print(f"wrote {out}/results.json, results.md")
+  try:
+    with parts.Sigterm() as stop:
+      results = evaluator.evaluate_workdir(config, workdir, latest=FLAGS.latest,
+                                           log=distributed.log, out=out, stop=stop)
+  except parts.Interrupted as e:
+    distributed.log(f"stopped before part {e} (SIGTERM); finished parts kept in {out}/eval_parts, "
+                    "rerun the same command to continue", flush=True)
+    return
+  except (ValueError, FileNotFoundError) as e:
+    cli.fail(str(e))
+  distributed.log("\n" + evaluator.results_markdown(results))
+  distributed.log(f"wrote {out}/results.json, results.md")
 
 
 if __name__ == "__main__":

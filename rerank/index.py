@@ -1,10 +1,16 @@
 r"""Embeds a split's images with a trained checkpoint's bi-encoder and saves their index.
 
-  python -m rerank.index --checkpoint=WORKDIR [--dataset=NAME] [--split=test] --out=DIR [--overwrite]
+  python -m rerank.index --checkpoint=WORKDIR [--dataset=NAME] [--split=test] --out=DIR \
+      [--target_recall=0.95] [--overwrite]
 
 The glue between a model and the index library (which knows only arrays): restore the
 workdir, embed the split's images with the engine, build the index, save it with the
 checkpoint's identity. From Python: `build_index(checkpoint, out, ...)`.
+
+A ScaNN index searches the number of leaves that reaches `config.index.target_recall`
+(`--target_recall` overrides it): measured at build time against exact search on a sample of
+the split's captions (text queries, which sit elsewhere in the space than the images), and
+recorded in the index's index.json under "scann" / "calibration".
 
 DIR must be absent or empty, or hold an index of ours and `--overwrite` be given: the index
 replaces DIR whole, so any other folder (`.`, a training workdir, notes) is refused.
@@ -14,6 +20,7 @@ import json
 import os
 
 from absl import flags
+import ml_collections
 import numpy as np
 
 from rerank import cli
@@ -21,6 +28,7 @@ from rerank import errors
 from rerank.data import datasets
 from rerank.indexing import indexes
 from rerank.inference import engine
+from rerank.inference import sharded
 
 FLAGS = flags.FLAGS
 
@@ -35,6 +43,9 @@ def define_flags():
   flags.DEFINE_bool("overwrite", False, "Replace the index already in --out (never another kind "
                     "of directory).")
   flags.DEFINE_enum("backend", None, list(indexes.BACKENDS), "Override config.index.backend.")
+  flags.DEFINE_float("target_recall", None, "ScaNN: search the fewest leaves reaching this "
+                     "recall@index.recall_k vs exact search (overrides config.index.target_recall "
+                     "and .leaves_to_search; 0 = no calibration).")
 
 
 def check_out(out: str, overwrite: bool = False) -> None:
@@ -66,17 +77,20 @@ def _is_index(path: str) -> bool:
 
 def build_index(checkpoint: str, out: str, dataset: str | None = None, split: str = "test",
                 num_images: int = 0, backend: str | None = None, log=print,
-                overwrite: bool = False):
+                target_recall: float | None = None, overwrite: bool = False):
   """Embeds the images of `dataset`/`split` (the first `num_images`; 0 = all) with the BE of
   the training workdir `checkpoint`, and saves their index to `out`; returns the index.
 
-  `backend` defaults to the checkpoint config's index.backend. `out` must be absent or empty,
-  or an index to replace when `overwrite` (checked first, and again before the save). Raises
-  errors.UserError, FileNotFoundError or ValueError naming the flag at fault.
+  `backend` defaults to the checkpoint config's index.backend; `target_recall` (None = the
+  config's index.target_recall) calibrates a ScaNN index on the split's captions. `out` must
+  be absent or empty, or an index to replace when `overwrite` (checked first, and again before
+  the save). Raises errors.UserError, FileNotFoundError or ValueError naming the flag at fault.
   """
   check_out(out, overwrite)
+  if target_recall is not None and not 0 <= target_recall <= 1:
+    raise ValueError(f"--target_recall: expected a recall in [0, 1]; found {target_recall}")
   try:
-    restored = engine.restore_workdir(checkpoint)
+    restored = sharded.restore_workdir(checkpoint)  # on the config's mesh, every device
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise ValueError(f"--checkpoint={checkpoint}: {e}") from e
   config = restored.config
@@ -92,10 +106,23 @@ def build_index(checkpoint: str, out: str, dataset: str | None = None, split: st
     raise ValueError(f"--split={split}: {e}") from e
   log(f"embedding {data.num_images} images of {config.dataset.name}/{split} with "
       f"{restored.description} of {restored.path}", flush=True)
-  emb = restored.engine(config.eval.batch_size).embed_images(
+  emb = sharded.engine_for(restored, config.eval.batch_size).embed_images(
       *engine.image_rows(data, np.arange(data.num_images)), desc="embed")  # [N, H]
   cfg = config.get("index")
-  idx = indexes.build(emb, backend or (cfg.backend if cfg is not None else "auto"), cfg)
+  backend = backend or (cfg.backend if cfg is not None else "auto")
+  if target_recall is not None:  # a copy: the restored config may be locked or lack the fields
+    cfg = ml_collections.ConfigDict(cfg.to_dict() if cfg is not None else {})
+    cfg.update(target_recall=target_recall, leaves_to_search=0)
+  queries = None
+  if (indexes.resolve_backend(len(emb), backend, cfg) == "scann" and cfg is not None
+      and cfg.get("target_recall") and not cfg.get("leaves_to_search")):
+    queries = _calibration_queries(restored, data, cfg.get("calibration_queries") or 1000, config)
+  idx = indexes.build(emb, backend, cfg, queries)
+  if getattr(idx, "params", None) is not None and idx.params.calibration:
+    c = idx.params.calibration
+    log(f"ScaNN: {c['leaves_to_search']} of {idx.params.num_leaves} leaves reach recall@{c['k']} "
+        f"{c['recall']:.3f} vs exact on {c['queries']} {c['source']} (target "
+        f"{idx.params.target_recall}{'' if c['met'] else ', NOT met: every leaf is searched'})")
   identity = {"checkpoint": restored.path, "which": restored.description,
               "fingerprint": restored.fingerprint, "dim": int(emb.shape[1]),
               "dataset": config.dataset.name, "split": split, "num_images": int(num_images)}
@@ -109,6 +136,15 @@ def build_index(checkpoint: str, out: str, dataset: str | None = None, split: st
   return idx
 
 
+def _calibration_queries(restored, data, num: int, config):
+  """BE embeddings [Q, H] of a seeded sample of the split's captions: queries of the kind the
+  index serves (none of them is in the index, which holds images)."""
+  rng = np.random.default_rng(np.random.SeedSequence([config.seed, 11]))
+  rows = np.sort(rng.choice(data.num_texts, min(num, data.num_texts), replace=False))
+  return restored.engine(config.eval.batch_size).embed_texts(
+      data.token_ids[rows], data.text_mask[rows], desc="calibration queries")
+
+
 def main(argv):
   del argv
   cli.quiet_library_logs()
@@ -116,7 +152,7 @@ def main(argv):
     cli.fail("--checkpoint (a training workdir) and --out (the index directory) are required")
   try:
     build_index(FLAGS.checkpoint, FLAGS.out, FLAGS.dataset, FLAGS.split, FLAGS.num_images,
-                FLAGS.backend, overwrite=FLAGS.overwrite)
+                FLAGS.backend, target_recall=FLAGS.target_recall, overwrite=FLAGS.overwrite)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
 

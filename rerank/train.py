@@ -30,8 +30,11 @@ from rerank import errors
 from rerank import paths
 from rerank.data import batches
 from rerank.data import datasets
+from rerank.data import prefetch
 from rerank.evaluation import evaluator
+from rerank.evaluation import parts
 from rerank.inference import engine
+from rerank.inference import sharded
 from rerank.models import build
 from rerank.models import modes
 from rerank.models import pretrained
@@ -45,6 +48,7 @@ from rerank.training import validate
 from rerank.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
+PREFETCH = 2  # batches made ahead of the step: enough to hide input that is faster than a step
 
 
 def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None:
@@ -113,14 +117,16 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
                        out_shardings=(layout.state, layout.replicated))
 
   # ---------------------------------------------------------------- evaluators
-  # Every process evaluates alike on its own first device, from a gathered copy of the params.
-  scorer = engine.DataScorer(engine.Engine(model, config.mode, config.eval.batch_size))
-  local = lambda params: scorer.set_params(sharding.local_replica(params, mesh))  # noqa: E731
+  # One jitted program over the training mesh, parameters where training keeps them; the
+  # processes share the rows and queries (rerank/inference/sharded.py).
+  scorer = engine.DataScorer(sharded.ShardedEngine(model, config.mode, config.eval.batch_size,
+                                                   mesh, layout.rules))
+  local = scorer.set_params
 
   def dev_score(params) -> float:
     """Mean of R@1/5/10 both directions on dev: BE when the mode has one, else CE on a sample."""
     methods = ("BE",) if mode.has_be else ("CE",)
-    rows = evaluator.evaluate(local(params), dev, config.mode, config.eval,
+    rows = evaluator.evaluate(local(params), dev, config.mode, evaluator.dev_config(config.eval),
                               seed=config.seed, methods=methods, log=lambda *_: None)
     return rows[0]["mR"]
 
@@ -148,25 +154,32 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
     # dev score, a best checkpoint or a checkpoint to resume from.
     total, mined = config.total_steps, None
     t_last, s_last, checked = time.perf_counter(), start, start
+
+    def make_batch(step, mined):
+      """The batch of `step` (1-based), on the devices: a pure function of (seed, step, mined)."""
+      batch = batches.train_batch(train, mode.batch_parts, config.batch_size, config.seed,
+                                  step - 1, mined, hn.ce_prob, hn.get("confuser_prob", 0.0),
+                                  ce_group, hn.get("be_negatives", 0), lazy=True)
+      # Rows and negatives are chosen for the global batch on every process alike; each
+      # process reads region features for its own devices' rows only.
+      return sharding.shard_batch(batch, layout.batch)
+
+    # Input runs PREFETCH steps ahead on a thread of each process (rerank/data/prefetch.py); a
+    # resumed run restarts it at its step, as batches need nothing but (seed, step, mined).
     with metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main) as writer, \
-        Preemption() as preemption:
+        Preemption() as preemption, prefetch.Feed(make_batch, total, PREFETCH) as feed:
       for step in range(start + 1, total + 1):
         if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0
                                                   or mined is None):
           # Mine for the rest of this window with the current BE (also right after a resume).
           window_end = step - 1 + hn.every - (step - 1 - hn.start) % hn.every
+          feed.close()  # its queued batches drew the old negatives; mining reads features too
           t0 = time.perf_counter()
           mined = mining.mine_window(local(state["params"]), train, config, step - 1,
                                      min(window_end, total) - (step - 1))
           log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
               f"({time.perf_counter() - t0:.1f}s)")
-        batch = batches.train_batch(train, mode.batch_parts, config.batch_size, config.seed,
-                                    step - 1, mined, hn.ce_prob, hn.get("confuser_prob", 0.0),
-                                    ce_group, hn.get("be_negatives", 0), lazy=True)
-        # Rows and negatives are chosen for the global batch on every process alike; each
-        # process reads region features for its own devices' rows only.
-        batch = sharding.shard_batch(batch, layout.batch)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, feed(step, mined))
 
         is_log = step % config.log_every == 0 or step == total
         is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
@@ -209,13 +222,22 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
       params, which = ckpts.restore_params(state, prefer_best=True)
   log(f"evaluating {which} parameters")
   # config.eval.split may also be a fold mean (test@5x1k) or an enlarged set (test+cc_dev:dev).
-  results = evaluator.evaluate_config(local(params), config, tokenizer, log=log,
-                                      num_images=ds.num_test_images or None)
+  # Finished parts are kept in the workdir; SIGTERM stops between them and a rerun goes on.
+  try:
+    with parts.Sigterm(first=total) as stop:
+      store = evaluator.final_parts(workdir, config, which, stop, log)
+      results = evaluator.evaluate_config(local(params), config, tokenizer, log=log,
+                                          num_images=ds.num_test_images or None, parts=store)
+  except parts.Interrupted as e:
+    log(f"stopped before evaluation part {e} (SIGTERM); finished parts kept in "
+        f"{workdir}/eval_parts, rerun the same command to continue", flush=True)
+    return None
   results["checkpoint"] = which
   if is_main:
     table = evaluator.write_results(workdir, results)
     log("\n" + table)
     log(f"wrote {workdir}/results.json, results.md, metrics.jsonl")
+  store.discard()
   return results
 
 

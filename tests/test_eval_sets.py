@@ -86,12 +86,15 @@ def test_folds_partition_the_split_and_the_mean_is_per_fold():
   scorer.table = table  # token 0 is the caption's row in the full split
   rows = [evaluator.evaluate(scorer, p, "be", _cfg(), log=lambda *_: None) for p in parts]
   assert rows[0][0]["t2i"]["R@1"] == 100.0 and rows[0][0]["i2t"]["R@1"] == 100.0
-  # ties go to the lower row: image 5's captions find image 4 first, image 5 finds 4's captions
-  assert rows[1][0]["t2i"]["R@1"] == pytest.approx(100 * 4 / 6)
-  assert rows[1][0]["i2t"]["R@1"] == pytest.approx(100 * 2 / 3)
+  # ties go against the relevant item: the captions of images 4 and 5 tie between the two and
+  # miss R@1, and so do images 4 and 5 (each ties with the other's captions)
+  assert rows[1][0]["t2i"]["R@1"] == pytest.approx(100 * 2 / 6)
+  assert rows[1][0]["i2t"]["R@1"] == pytest.approx(100 * 1 / 3)
+  assert rows[1][0]["ties"] == {"t2i": {"R@1": 4, "R@5": 0, "R@10": 0},
+                                "i2t": {"R@1": 2, "R@5": 0, "R@10": 0}}
   [mean] = eval_sets.mean_rows(rows)
   assert mean["folds"] == 2 and mean["queries"] == {"t2i": 12, "i2t": 6}
-  assert mean["t2i"]["R@1"] == pytest.approx((100 + 100 * 4 / 6) / 2)
+  assert mean["t2i"]["R@1"] == pytest.approx((100 + 100 * 2 / 6) / 2)
   assert mean["mR"] == pytest.approx((rows[0][0]["mR"] + rows[1][0]["mR"]) / 2)
   with pytest.raises(ValueError, match="need 8 images; the split has 6"):
     eval_sets.folds(data, 2, 4)

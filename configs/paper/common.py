@@ -72,6 +72,13 @@ def base(arg: str | None, dataset: str):
   c.eval.batch_size = 512
   # CE rows score the full cross product, as the authors; RR reranks every query.
   c.eval.update(ce_queries_t2i=0, ce_queries_i2t=0, rr_queries_t2i=0, rr_queries_i2t=0)
+  # Dev evaluation during training (every eval_every steps, for the best checkpoint): rows with
+  # a BE use the BE (seconds); the CE-only rows score CE pairs, so, as the authors evaluate
+  # their CE on a small dev sample, they take a seeded sample of dev queries against the whole
+  # dev corpus: 100 * N + 20 * 5N = 200N pairs for N dev images (Flickr30k: ~200k, 2% of the
+  # full dev cross product). docs/REPRODUCE.md counts its cost.
+  c.eval.dev_ce_queries_t2i = 100
+  c.eval.dev_ce_queries_i2t = 20
   return c, arg
 
 

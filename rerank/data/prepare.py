@@ -8,10 +8,15 @@ each: README "Datasets", or the docstring of rerank/data/sources/NAME.py). Write
 DATA_DIR/NAME/1.0.0 and ends by printing one JSON line:
   {"dataset": NAME, "splits": {"<split>": {"images": n, "captions": m}, ...}, "skipped": {...},
    "dtype": ..., "path": ...}
-Bad input (malformed rows, wrong feature widths, NaN/inf, captions without images, images
-without captions, duplicate ids (also one image in two splits), empty captions) stops with the file, line or id and the
-reason; `--skip_bad` drops such items instead and reports their counts under "skipped".
-A failed prepare leaves no dataset directory behind.
+Bad input (malformed rows, wrong feature widths, NaN/inf, 0 or over 100 regions, image sizes
+that are not positive int32 values, captions without images, images without captions,
+duplicate ids (also one image in two splits, and ids such as `12` and `012` that training reads
+as one number), ids that are not plain names (`../x`), empty captions (also of only zero-width
+characters)) stops with the file, line or id and the reason; `--skip_bad` drops such items
+instead and reports their counts under "skipped". A file that cannot be read at all (missing,
+not UTF-8 text, not a gzip or torch file, not a dict of image ids) stops the prepare either way.
+A failed prepare leaves no dataset directory behind, and the next prepare of NAME removes what a
+killed one left (see `tfds_builders.remove_stale`).
 """
 
 import contextlib
@@ -94,6 +99,9 @@ def main(argv):
   if name != "synthetic_scenes" and (not source_dir or not os.path.isdir(source_dir)):
     cli.fail(f"--source_dir: expected a directory with the {name} release files; "
              f"found {source_dir!r}")
+  for flag in ("num_images", "seed"):
+    if FLAGS[flag].value < 0:
+      cli.fail(f"--{flag}: expected an integer >= 0; found {FLAGS[flag].value}")
   tfds_builders.quiet()
   t0 = time.perf_counter()
   try:
@@ -101,9 +109,13 @@ def main(argv):
                       FLAGS.skip_bad, FLAGS.overwrite, FLAGS.features, FLAGS.num_images,
                       FLAGS.seed)
   except common.BadInput as e:
-    hint = "" if e.kind == "missing_file" else " (--skip_bad skips such items and counts them)"
+    if cli.debugging():
+      raise
+    hint = "" if e.kind in common.FILE_KINDS else " (--skip_bad skips such items and counts them)"
     cli.fail(f"{e}{hint}; nothing was written")
   except (FileExistsError, RuntimeError, ValueError, OSError) as e:
+    if cli.debugging():
+      raise
     cli.fail(f"{e}; nothing was written")
   summary["seconds"] = round(time.perf_counter() - t0, 3)
   print(json.dumps(summary), flush=True)

@@ -80,7 +80,7 @@ def read_captions(index: dict, language: str = "", num_images: int | None = None
 
 def numeric_ids(image_ids: list[str]) -> np.ndarray:
   """int64 ids: the source ids where all are integers (COCO, Flickr30k), else row numbers."""
-  if all(i.isdigit() for i in image_ids):
+  if all(i.isascii() and i.isdigit() for i in image_ids):  # int() also takes '١٢'; '²' not
     return np.asarray([int(i) for i in image_ids], np.int64)
   return np.arange(len(image_ids), dtype=np.int64)
 

@@ -9,14 +9,19 @@ One record per image, in the source's order (shuffling disabled: training order 
   image_size  [2] int32 (width, height) in pixels, (0, 0) where the release omits it
   captions    [C] text, with `languages` [C] text beside them
 metadata.json also holds each split's ids, captions and languages (the "index"), so readers
-get every caption without touching the features. A build writes under a temporary directory next to the target and renames it into place
-only when every split succeeded, so a failed prepare leaves no dataset directory behind.
+get every caption without touching the features. A build writes under a temporary directory
+next to the target and renames it into place only when every split succeeded, so a failed
+prepare leaves no dataset directory behind. The temporary directory's name carries its writer's
+host and pid (`.NAME-incomplete-HOST-PID-xxxx`), so the next build of NAME can tell the
+leftovers of a killed build (pid gone) from one still running, and removes only the former.
 """
 
 import collections
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Callable, Iterator
 
@@ -52,7 +57,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                problems: common.Problems, nested: dict[str, str] | None = None, **kwargs):
     self._splits, self._dtype, self._problems = splits, dtype, problems
     self._nested = nested or {}  # split -> the split it is drawn from (test1k -> test)
-    self._seen = {}  # image id -> first split: an image in two splits would leak
+    # canonical id -> (image id, split) of its first record: an image in two splits would
+    # leak, and `12` / `012` are one image once read as numbers (`prepared.numeric_ids`).
+    self._seen = {}
     self.captions = collections.Counter()  # split -> captions written
     super().__init__(**kwargs)
 
@@ -68,10 +75,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split=None):
     dtype = DTYPES[self._dtype]
     for i, im in enumerate(self._splits[split]()):
-      first = self._seen.setdefault(im.image_id, split)
-      if first != split and self._nested.get(split) != first and self._nested.get(first) != split:
-        self._problems.bad("duplicate_id", f"image id {im.image_id}",
-                           f"is in split {first!r} and in split {split!r}")
+      if not self._first_record(im.image_id, split):
         continue
       regions = im.regions.astype(dtype)
       if not np.isfinite(regions).all():
@@ -90,6 +94,22 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "image_size": np.asarray(im.image_size, np.int32),
                 "captions": im.captions, "languages": im.languages}
 
+  def _first_record(self, image_id: str, split: str) -> bool:
+    """Reports (and returns False for) an id seen before in another split, or spelled
+    differently; an image of a nested split (test1k in test) is expected twice."""
+    first_id, first = self._seen.setdefault(common.canonical_id(image_id), (image_id, split))
+    if first_id == image_id and first in (split, self._nested.get(split)):
+      return True
+    if first_id == image_id and self._nested.get(first) == split:
+      return True
+    if first_id == image_id:
+      reason = f"is in split {first!r} and in split {split!r}"
+    else:
+      reason = (f"and image id {first_id} (split {first!r}) are one image once ids are read as "
+                f"numbers")
+    self._problems.bad("duplicate_id", f"image id {image_id}", reason)
+    return False
+
 
 def dataset_dir(data_dir: str, name: str) -> str:
   return paths.join(data_dir, name, VERSION)  # local or gs://
@@ -104,11 +124,12 @@ def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], da
   is left behind (the partial build lives in a temporary directory until it is complete).
   """
   final = dataset_dir(data_dir, name)
+  remove_stale(data_dir, name)
   if os.path.exists(final) and not overwrite:
     raise FileExistsError(f"{final} already exists; pass --overwrite to rebuild it")
   created = [d for d in (data_dir, os.path.dirname(final)) if not os.path.exists(d)]
   os.makedirs(data_dir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{name}-incomplete-", dir=data_dir)
+  tmp = tempfile.mkdtemp(prefix=f".{name}-incomplete-{_owner()}-", dir=data_dir)
   try:
     cls = type(_class_name(name), (_Builder,), {"name": name, "__module__": __name__},
                skip_registration=True)
@@ -119,7 +140,7 @@ def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], da
                   "captions": int(builder.captions[s])} for s in splits}
     os.makedirs(os.path.dirname(final), exist_ok=True)
     if os.path.exists(final):  # --overwrite: the old copy goes only once the new one is whole
-      old = tempfile.mkdtemp(prefix=f".{name}-old-", dir=data_dir)
+      old = tempfile.mkdtemp(prefix=f".{name}-old-{_owner()}-", dir=data_dir)
       os.rename(final, os.path.join(old, VERSION))
       os.rename(dataset_dir(tmp, name), final)
       shutil.rmtree(old)
@@ -134,6 +155,66 @@ def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], da
     raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"  # no "-" inside
+
+
+def _owner() -> str:
+  """`HOST-PID` of this process, for temporary directory names."""
+  return f"{_host()}-{os.getpid()}"
+
+
+def _writer_gone(dirname: str, prefix: str) -> bool | None:
+  """True if the build that named `dirname` (`PREFIX HOST-PID-xxxx`) ran on this host and its
+  process is gone, False if it is alive, None if the name cannot tell (another host, or an
+  older version's name without an owner)."""
+  parts = dirname[len(prefix):].rsplit("-", 2)
+  if len(parts) != 3 or not parts[1].isdigit() or parts[0] != _host():
+    return None
+  try:
+    os.kill(int(parts[1]), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, OverflowError):  # another user's live process; an absurd pid
+    return False
+  return False
+
+
+def remove_stale(data_dir: str, name: str) -> list[str]:
+  """Removes what killed builds of `name` left in `data_dir`; returns the paths removed.
+
+  `.NAME-incomplete-*`: a partial build, deleted. `.NAME-old-*`: the previous dataset, moved
+  aside by `--overwrite` just before the new one was renamed into place; put back if the kill
+  came between the two renames (no dataset at the target), else deleted. Directories of a
+  build still running (its pid alive) are left alone, and so, with a warning, are those whose
+  name cannot tell (another host's, or an older version's without an owner).
+  """
+  if not os.path.isdir(data_dir):
+    return []
+  handled = []
+  for kind in ("incomplete", "old"):
+    prefix = f".{name}-{kind}-"
+    for entry in sorted(os.listdir(data_dir)):
+      path = os.path.join(data_dir, entry)
+      if not entry.startswith(prefix) or not os.path.isdir(path):
+        continue
+      gone = _writer_gone(entry, prefix)
+      if gone is None:
+        logging.warning("left %s alone: cannot tell whether the prepare that wrote it is "
+                        "still running; delete it if none is", path)
+      if not gone:
+        continue
+      saved = os.path.join(path, VERSION)
+      final = dataset_dir(data_dir, name)
+      if kind == "old" and os.path.isdir(saved) and not os.path.exists(final):
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(saved, final)
+        logging.warning("restored %s from %s (an --overwrite prepare was killed)", final, path)
+      shutil.rmtree(path, ignore_errors=True)
+      handled.append(path)
+  return handled
 
 
 def _class_name(name: str) -> str:

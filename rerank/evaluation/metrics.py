@@ -5,8 +5,11 @@ query, candidate ids ordered best first, possibly truncated (RR only reorders th
 Reducing each query to the position of its first relevant candidate makes all metrics one-liners
 and treats "relevant item outside the truncated list" uniformly as a miss.
 
-Tie-break convention: equal scores are ordered by lower candidate index first, everywhere, so
-that BE, CE and RR numbers are reproducible and comparable across runs and hardware.
+Tie-break convention: evaluation breaks ties AGAINST the relevant item (a non-relevant item with
+the same score ranks ahead of it; `rerank.indexing.ranking.tie_ranks` / `settle_ties`), so no
+storage order of the corpus can improve a score. `tied_hits` counts the queries whose hit at
+R@k depended on that rule (it would be a hit had the ties gone the other way). Rankings made
+without relevance (search, indexes) put the lower candidate index first.
 
 NumPy only; this runs on host after scores are gathered, never under jit.
 """
@@ -60,6 +63,20 @@ def recall_at_k(first_hit_ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> 
   """
   ranks = np.asarray(first_hit_ranks)  # [Q]
   return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def tied_hits(pessimistic: np.ndarray, optimistic: np.ndarray,
+              ks: Sequence[int] = (1, 5, 10)) -> dict[str, int]:
+  """Queries that miss at R@k only because a tie went against their relevant item.
+
+  Args:
+    pessimistic: [Q] first-hit ranks with ties broken against the relevant item (the recall).
+    optimistic: [Q] the same with ties broken for it.
+  Returns:
+    {"R@k": count of queries with optimistic < k <= pessimistic} for each k in `ks`.
+  """
+  pess, opt = np.asarray(pessimistic), np.asarray(optimistic)
+  return {f"R@{k}": int(np.sum((opt < k) & (pess >= k))) for k in ks}
 
 
 def mrr_at_k(first_hit_ranks: np.ndarray, k: int = 10) -> float:

@@ -5,9 +5,13 @@ Backends, all scoring by dot product (= cosine on unit vectors), all with one ve
 - `exact`: NumPy brute force; ties go to the lower id, exactly like `ranking.ranking_from_scores`
   (evaluation with it reproduces the plain `scores = q @ corpus.T` path bit for bit).
 - `scann`: ScaNN tree (k-means partitions) + anisotropic hashing + exact float reorder; its
-  parameters come from the config or are chosen from the corpus size (`scann_params`).
+  parameters come from the config or are chosen from the corpus size (`scann_params`). With
+  `target_recall`, the leaves to search are calibrated at build time (rerank/indexing/
+  calibrate.py) and the measurement is kept in the index metadata.
 - `jax`: exact top-k on the accelerator (`lax.top_k`), queries padded to a fixed block.
 - `ShardedIndex`: one index per shard (one per host), per-shard top-k merged into the global one.
+  A corpus too large for one host is built and saved as one shard per process
+  (`save_multihost`), each process searching its own shard (`load_shard`, `search_multihost`).
 `backend="auto"` picks exact up to `exact_max` items and ScaNN beyond.
 
 An index is saved in its own directory (`index.json` + arrays), written to a temporary
@@ -32,6 +36,7 @@ import jax
 import numpy as np
 
 from rerank import errors
+from rerank.indexing import calibrate
 from rerank.indexing import ranking
 
 BACKENDS = ("auto", "exact", "scann", "jax")
@@ -162,6 +167,12 @@ class ScannParams:
   dims_per_block: int = 2
   aq_threshold: float = 0.2  # anisotropic quantization, as ScaNN's docs recommend for MIPS
   training_sample: int = 250_000
+  # > 0: leaves_to_search is calibrated at build time to reach this recall@recall_k against
+  # exact search on up to `calibration_queries` held-out queries; `calibration` holds the result.
+  target_recall: float = 0.0
+  recall_k: int = 20
+  calibration_queries: int = 1000
+  calibration: dict | None = None
 
 
 def scann_params(n: int, cfg=None) -> ScannParams:
@@ -171,7 +182,8 @@ def scann_params(n: int, cfg=None) -> ScannParams:
   bench's clustered unit embeddings (overlapping clusters, so the true neighbours of a query
   spread over many partitions) that keeps recall@20 >= 0.95 against exact at 1M while still
   searching tens of times faster (see rerank/bench.py). Corpora with tighter clusters can
-  search far fewer leaves: set config.index.leaves_to_search.
+  search far fewer leaves: set config.index.leaves_to_search, or config.index.target_recall to
+  have the count measured at build time (a fixed leaves_to_search turns calibration off).
   """
   get = (lambda name, default: cfg.get(name) or default) if cfg is not None else (lambda _, d: d)
   leaves = int(get("num_leaves", max(1, min(n // 50, int(2 * math.sqrt(n))))))
@@ -180,7 +192,10 @@ def scann_params(n: int, cfg=None) -> ScannParams:
   return ScannParams(
       num_leaves=leaves, leaves_to_search=min(search, leaves), reorder=int(get("reorder", 500)),
       dims_per_block=int(get("dims_per_block", 2)), aq_threshold=float(get("aq_threshold", 0.2)),
-      training_sample=int(get("training_sample", 250_000)))
+      training_sample=int(get("training_sample", 250_000)),
+      target_recall=0.0 if get("leaves_to_search", 0) else float(get("target_recall", 0.0)),
+      recall_k=int(get("recall_k", 20)),
+      calibration_queries=int(get("calibration_queries", 1000)))
 
 
 class ScannIndex:
@@ -191,7 +206,9 @@ class ScannIndex:
     self.size, self.dim = size, dim
 
   @classmethod
-  def build(cls, embeddings, params: ScannParams | None = None) -> "ScannIndex":
+  def build(cls, embeddings, params: ScannParams | None = None, queries=None) -> "ScannIndex":
+    """The ScaNN index of [N, D] embeddings; with `params.target_recall`, calibrated on
+    `queries` ([Q, D] held-out queries; None = a leave-one-out sample of the corpus)."""
     import scann  # noqa: PLC0415  (a heavy import only this backend needs)
     x = _as_unit_matrix(embeddings)
     p = params or scann_params(len(x))
@@ -200,7 +217,10 @@ class ScannIndex:
                            training_sample_size=min(p.training_sample, len(x)))
     builder = builder.score_ah(p.dims_per_block, anisotropic_quantization_threshold=p.aq_threshold)
     searcher = builder.reorder(p.reorder).build()
-    return cls(searcher, len(x), x.shape[1], p)
+    index = cls(searcher, len(x), x.shape[1], p)
+    if p.target_recall > 0:
+      index.params = calibrate_leaves(index, x, queries)
+    return index
 
   def search(self, queries, k: int, leaves_to_search: int | None = None):
     """As the other backends; `leaves_to_search` overrides the built value for this call."""
@@ -319,21 +339,155 @@ def shard_rows(n: int, num_shards: int, shard: int) -> tuple[int, int]:
   return start, start + per + (shard < extra)
 
 
+# ------------------------------------------------------------------ ScaNN calibration
+
+def calibrate_leaves(index: ScannIndex, corpus: np.ndarray, queries=None) -> ScannParams:
+  """index.params with leaves_to_search the fewest reaching params.target_recall (measured
+  recall@recall_k of the ScaNN top-k vs the exact top-k) and `calibration` recording it.
+
+  Queries: up to params.calibration_queries rows of `queries`, else as many corpus rows, each
+  leaving itself out of both answers (rerank/indexing/calibrate.py).
+  """
+  p = index.params
+  if queries is None:
+    own = calibrate.sample_rows(len(corpus), p.calibration_queries)
+    q, source = corpus[own], "corpus rows, leave-one-out"
+    k = min(p.recall_k, len(corpus) - 1)
+  else:
+    q = _check_queries(queries, corpus.shape[1])[:p.calibration_queries]
+    own, source, k = None, "held-out queries", min(p.recall_k, len(corpus))
+  if k < 1 or not len(q):
+    raise ValueError(f"index.target_recall: calibration needs queries and a corpus of >= 2 rows; "
+                     f"found {len(q)} queries, {len(corpus)} rows")
+  extra = 0 if own is None else 1  # one more id, to drop the query's own row
+
+  def top(ids):
+    return ids if own is None else calibrate.without_rows(ids, own, k)
+
+  truth = top(ExactIndex(corpus).search(q, k + extra)[0])
+  found = calibrate.choose_leaves(
+      lambda leaves: calibrate.recall_at_k(top(index.search(q, k + extra, leaves)[0]), truth),
+      p.num_leaves, p.target_recall)
+  record = {"k": k, "queries": len(q), "source": source, **found}
+  return dataclasses.replace(p, leaves_to_search=found["leaves_to_search"], calibration=record)
+
+
+# ------------------------------------------------------------------ one shard per process
+
+def _staging(path: str) -> str:
+  """The directory every process writes its shard into before process 0 publishes `path`."""
+  path = os.path.abspath(path)
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.shards")
+
+
+def save_shard(index, path: str, shard: int, offset: int) -> None:
+  """Writes the index of corpus rows [offset, offset + index.size) as shard `shard` of `path`.
+
+  Each process calls it for its own shard (temp + rename: a shard is whole or absent); then
+  one process calls `publish_shards`. `path`'s parent must be shared by the processes.
+  """
+  staging = _staging(path)
+  os.makedirs(staging, exist_ok=True)
+  final = os.path.join(staging, f"shard-{shard:05d}")
+  tmp = tempfile.mkdtemp(prefix=f".shard-{shard:05d}.", dir=staging)
+  try:
+    body = os.path.join(tmp, "index")
+    meta = _write(index, body)
+    _write_meta(body, {**meta, "offset": int(offset)})
+    if os.path.exists(final):  # left by an earlier, interrupted build
+      shutil.rmtree(final)
+    os.rename(body, final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_shards(path: str, num_shards: int, identity: dict, arrays: dict | None = None) -> dict:
+  """Makes the shards written by `save_shard` the index at `path` (read by `load` as one
+  ShardedIndex, or by `load_shard` one shard per process); returns its metadata.
+
+  Raises:
+    ValueError: a shard is missing, or the shards do not cover rows [0, N) in order.
+  """
+  staging = _staging(path)
+  metas = []
+  for j in range(num_shards):
+    meta_path = os.path.join(staging, f"shard-{j:05d}", _META)
+    if not os.path.isfile(meta_path):
+      raise ValueError(f"{path}: shard {j} of {num_shards} was not written ({meta_path})")
+    with open(meta_path) as f:
+      metas.append(json.load(f))
+  offsets = [m["offset"] for m in metas]
+  ends = [m["offset"] + m["size"] for m in metas]
+  if offsets[0] != 0 or offsets[1:] != ends[:-1] or len({m["dim"] for m in metas}) != 1:
+    raise ValueError(f"{path}: shards must cover rows [0, N) in order with one embedding size; "
+                     f"found rows {list(zip(offsets, ends))}, dims {[m['dim'] for m in metas]}")
+  for name in os.listdir(staging):  # shards of an earlier build with more processes
+    if name.startswith("shard-") and int(name[6:11]) >= num_shards:
+      shutil.rmtree(os.path.join(staging, name))
+  meta = {"kind": ShardedIndex.kind, "size": ends[-1], "dim": metas[0]["dim"], "offsets": offsets,
+          "identity": identity, "arrays": sorted(arrays or {})}
+  for name, value in (arrays or {}).items():
+    np.save(os.path.join(staging, f"{name}.npy"), value)
+  _write_meta(staging, meta)
+  path = os.path.abspath(path)
+  old = None
+  if os.path.exists(path):  # replaced as `save` replaces an index
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old.", dir=os.path.dirname(path))
+    os.rename(path, os.path.join(old, "index"))
+  os.rename(staging, path)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+  return meta
+
+
+def save_multihost(local_index, path: str, offset: int, identity: dict,
+                   arrays: dict | None = None) -> None:
+  """Every process saves its own shard (rows [offset, offset + size)); process 0 publishes.
+
+  Called by all processes alike; returns once the index at `path` is complete.
+  """
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  save_shard(local_index, path, jax.process_index(), offset)
+  multihost_utils.sync_global_devices(f"rerank index shards written: {path}")
+  if jax.process_index() == 0:
+    publish_shards(path, jax.process_count(), identity, arrays)
+  multihost_utils.sync_global_devices(f"rerank index published: {path}")
+
+
+def load_shard(path: str, shard: int):
+  """(index of shard `shard`, its row offset) of a sharded index: what one process searches
+  with `search_multihost`, never reading the other shards."""
+  meta = read_meta(path)
+  if meta.get("kind") != ShardedIndex.kind or not 0 <= shard < len(meta["offsets"]):
+    raise ValueError(f"{path}: expected a sharded index with a shard {shard}; found "
+                     f"{meta.get('kind')!r} with {len(meta.get('offsets', []))} shard(s)")
+  return _read(os.path.join(path, f"shard-{shard:05d}")), meta["offsets"][shard]
+
+
 # ------------------------------------------------------------------ build, save, load
 
-def build(embeddings, backend: str = "auto", cfg=None):
-  """An index over [N, D] unit embeddings; `cfg` is config.index (backend fields, ScaNN params)."""
+def resolve_backend(n: int, backend: str = "auto", cfg=None) -> str:
+  """The backend `build` uses for n items: "auto" is exact up to cfg.exact_max, else scann."""
   if backend not in BACKENDS:
     raise ValueError(f"index backend: expected one of {BACKENDS}; found {backend!r}")
-  x = _as_unit_matrix(embeddings)
   if backend == "auto":
     exact_max = (cfg.get("exact_max") if cfg is not None else None) or 20_000
-    backend = "exact" if len(x) <= exact_max else "scann"
+    return "exact" if n <= exact_max else "scann"
+  return backend
+
+
+def build(embeddings, backend: str = "auto", cfg=None, queries=None):
+  """An index over [N, D] unit embeddings; `cfg` is config.index (backend fields, ScaNN params).
+
+  `queries` ([Q, D], optional): held-out queries for ScaNN's target-recall calibration.
+  """
+  x = _as_unit_matrix(embeddings)
+  backend = resolve_backend(len(x), backend, cfg)
   if backend == "exact":
     return ExactIndex(x)
   if backend == "jax":
     return JaxIndex(x)
-  return ScannIndex.build(x, scann_params(len(x), cfg))
+  return ScannIndex.build(x, scann_params(len(x), cfg), queries)
 
 
 _KINDS = {c.kind: c for c in (ExactIndex, JaxIndex, ScannIndex, ShardedIndex)}

@@ -12,6 +12,9 @@ benchmark), so restoring, padding and bucketing are written once:
   rounded up to a multiple of 8, so a run compiles a handful of shapes. Parameters are jit
   arguments: `set_params` swaps weights without recompiling (the trainer's dev evaluation).
 - `DataScorer`: the same three over rows of a `RetrievalData` (what evaluation and mining use).
+`rerank.inference.sharded.ShardedEngine` is an `Engine` over a device mesh (every device of
+every process, parameters laid out by the config's rules): evaluation, indexing, encoding and
+mining run on it; `Engine` itself is the one-device case.
 """
 
 import dataclasses
@@ -23,6 +26,7 @@ import sys
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -37,6 +41,7 @@ from rerank.models import heads
 from rerank.models import modes
 from rerank.models import pretrained
 from rerank.training import checkpoints
+from rerank.training import sharding
 from rerank.training import steps
 
 TEXT_BUCKET = 8  # text widths are rounded up to a multiple of this: few compiled shapes
@@ -49,6 +54,8 @@ def params_fingerprint(params) -> str:
   """A short hash of every parameter's path, shape and bytes: equal iff the weights are equal."""
   h = hashlib.blake2b(digest_size=8)
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # sharded over hosts
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
     arr = np.asarray(leaf)
     h.update(f"{jax.tree_util.keystr(path)}{arr.shape}{arr.dtype}".encode())
     h.update(np.ascontiguousarray(arr).tobytes())
@@ -68,6 +75,7 @@ class Restored:
   path: str
   max_text_len: int  # tokens per text incl. specials
   max_regions: int  # regions per image
+  mesh: Any = None  # the mesh `params` are laid out on (`restore_workdir(mesh=...)`), else None
 
   @property
   def encoder_config(self) -> encoder_lib.EncoderConfig:
@@ -104,25 +112,39 @@ def is_workdir(path: str) -> bool:
       os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "best"))
 
 
-def restore_workdir(workdir: str, latest: bool = False, config=None) -> Restored:
+def workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training workdir was trained with (DIR/config.json); FileNotFoundError if none."""
+  cfg_path = paths.join(workdir, "config.json")
+  if not paths.exists(cfg_path):
+    raise FileNotFoundError(f"{cfg_path}: not found; expected a training workdir "
+                            "(python -m rerank.train ... --workdir=DIR)")
+  return ml_collections.ConfigDict(json.loads(paths.read_text(cfg_path)))
+
+
+def restore_workdir(workdir: str, latest: bool = False, config=None, mesh=None) -> Restored:
   """The best (else newest; `latest`: the newest) parameters of a training workdir.
 
-  `config` (default DIR/config.json) must describe the run that wrote the checkpoints.
+  `config` (default DIR/config.json) must describe the run that wrote the checkpoints. With
+  `mesh`, the parameters are restored straight into the layout config.rules give them there
+  (an FSDP model is never whole on one device); without, whole on the default device.
   Raises FileNotFoundError (no config.json, no checkpoint) or ValueError (a checkpoint that
   does not fit the config).
   """
   workdir = os.fspath(paths.path(workdir))  # local (made absolute) or gs://
   if config is None:
-    cfg_path = paths.join(workdir, "config.json")
-    if not paths.exists(cfg_path):
-      raise FileNotFoundError(f"{cfg_path}: not found; expected a training workdir "
-                              "(python -m rerank.train ... --workdir=DIR)")
-    config = ml_collections.ConfigDict(json.loads(paths.read_text(cfg_path)))
+    config = workdir_config(workdir)
   tokenizer = datasets.get_tokenizer(config)
   cls_id = tokenizer.token_to_id("[CLS]")  # None for XLM-R: build_model uses init_from's
   model = build.build_model(config, cls_id if cls_id is not None else 0, tokenizer.get_vocab_size())
-  abstract = jax.eval_shape(functools.partial(
-      steps.init_train_state, model, config, steps.optimizer(config)), jax.random.PRNGKey(0))
+  tx = steps.optimizer(config)
+  make_state = functools.partial(steps.init_train_state, model, config, tx, jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(make_state)
+  if mesh is not None:
+    shardings = sharding.state_shardings(
+        sharding.abstract_train_state(model, config, tx, make_state),
+        sharding.rules_from_config(config, mesh), mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
   with checkpoints.Checkpoints(workdir, keep=config.get("keep_checkpoints", 2)) as ckpts:
     try:
       params, which = ckpts.restore_params(abstract, prefer_best=not latest)
@@ -132,7 +154,7 @@ def restore_workdir(workdir: str, latest: bool = False, config=None) -> Restored
   if params is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in checkpoints/ or best/; train first")
   return Restored(model, params, modes.get(config.mode), tokenizer, config, which, workdir,
-                  config.max_text_len, config.max_regions)
+                  config.max_text_len, config.max_regions, mesh)
 
 
 def restore_converted(path: str, max_text_len: int | None = None, max_regions: int = 50) -> Restored:

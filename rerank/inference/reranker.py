@@ -1,7 +1,11 @@
 """Retrieve and rerank in one jitted call: CE scores of a bi-encoder's top-k, reordered.
 
-The final order inside the top-k is the CE score alone (the paper's cooperative setting);
-items outside the top-k keep their BE order behind the reranked ones.
+The final order inside the top-k is the CE score alone by default (the paper's cooperative
+setting), or a fusion of CE and cosine (`rerank.indexing.ranking.fuse`: the authors'
+"standard", "combination", "combination_normalized", "rank"; "ce" is "standard", and "mix" the
+older alpha * P_CE + (1 - alpha) * cosine); items outside the top-k keep their BE order behind
+the reranked ones. It reranks exactly k candidates, also for k < 10 (the authors' evaluator
+reranks max(k, 10)).
 `rerank.indexing.ranking.rerank_topk` is the NumPy reorder evaluation uses; `make_rerank_fn` /
 `Reranker` score and reorder with static shapes (search CLI, `Retriever`, benchmark), applying
 the model as the engine does (`engine.pair_logits`).
@@ -11,21 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rerank.indexing import ranking
 from rerank.inference import engine
 
 
 # ------------------------------------------------------------------ jitted rerank, static shapes
 
-FUSIONS = ("ce", "mix")
+FUSIONS = ranking.FUSIONS + tuple(ranking.FUSION_ALIASES) + ("mix",)
 
 
-def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5):
+def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5, weight: float = 0.0):
   """ONE jitted function that scores [Q, k] (query, candidate) pairs and reorders them.
 
   Shapes are fixed by the caller (`Reranker` pads Q and k), so calls with the same k never
-  recompile. Fusion: "ce" orders by the CE match logit alone (the authors' default); "mix" by
-  alpha * P_CE(match) + (1 - alpha) * cosine. Invalid (padded) candidates sort last; equal
-  scores keep BE order.
+  recompile. Fusion: "ce" / "standard" orders by the CE match logit alone (the authors'
+  default); "combination", "combination_normalized" and "rank" mix in the cosine with weight
+  `weight` (`rerank.indexing.ranking.fuse`); "mix" by alpha * P_CE(match) + (1 - alpha) *
+  cosine. Invalid (padded) candidates sort last and take no part in a fusion; equal scores
+  keep BE order.
 
   The function: (params, token_ids [Q, k, L], text_mask [Q, k, L], regions [Q, k, R, F],
   region_mask [Q, k, R], cand_ids [Q, k], be_scores [Q, k], valid [Q, k]) ->
@@ -35,6 +42,8 @@ def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5):
     raise ValueError(f"rerank fusion: expected one of {FUSIONS}; found {fusion!r}")
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"rerank alpha: expected a value in [0, 1]; found {alpha}")
+  if not 0.0 <= weight <= 1.0:
+    raise ValueError(f"rerank fusion weight: expected a value in [0, 1]; found {weight}")
 
   def rerank_fn(params, token_ids, text_mask, regions, region_mask, cand_ids, be_scores, valid):
     q, k = cand_ids.shape
@@ -42,10 +51,10 @@ def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5):
     logits = engine.pair_logits(model, params, flat(token_ids), flat(text_mask), flat(regions),
                                 flat(region_mask)).reshape(q, k, 2)
     ce = logits[..., 1]  # [Q, k] match logit
-    if fusion == "ce":
-      score = ce
-    else:
+    if fusion == "mix":
       score = alpha * jax.nn.softmax(logits, axis=-1)[..., 1] + (1.0 - alpha) * be_scores
+    else:
+      score = ranking.fuse(ce, be_scores, fusion, weight, valid, xp=jnp)
     score = jnp.where(valid, score, -jnp.inf)
     order = jnp.argsort(-score, axis=1, stable=True)  # stable: ties keep the BE order
     take = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
@@ -62,11 +71,12 @@ class Reranker:
   each [B, k, ...] builds the pair arrays for one block (the caller knows the direction).
   """
 
-  def __init__(self, model, k: int, query_block: int = 8, fusion: str = "ce", alpha: float = 0.5):
+  def __init__(self, model, k: int, query_block: int = 8, fusion: str = "ce", alpha: float = 0.5,
+               weight: float = 0.0):
     if k < 1:
       raise ValueError(f"rerank k: expected >= 1; found {k}")
     self.k, self.query_block = k, query_block
-    self.fn = make_rerank_fn(model, fusion, alpha)
+    self.fn = make_rerank_fn(model, fusion, alpha, weight)
 
   def __call__(self, params, pair_inputs, be_ids: np.ndarray, be_scores: np.ndarray):
     """Reranks the first k columns of a BE ranking; the rest keep their BE order behind them.

@@ -21,7 +21,7 @@ from rerank.indexing import indexes as index_lib
 from rerank.inference import engine as engine_lib
 from rerank.inference import reranker as rerank_lib
 
-_SEARCH_DEFAULTS = dict(fusion="ce", alpha=0.5, query_block=8)
+_SEARCH_DEFAULTS = dict(fusion="ce", alpha=0.5, fusion_weight=0.0, query_block=8)
 
 
 def shorten(value, limit: int = 80) -> str:
@@ -57,7 +57,7 @@ class Retriever:
     search = cfg.get("search", {}) or {}
     # k has one home, config.eval.k; an old workdir's search.k is ignored.
     self.k = cfg.eval.k
-    self.fusion, self.alpha, self.query_block = (
+    self.fusion, self.alpha, self.fusion_weight, self.query_block = (
         search.get(name, default) for name, default in _SEARCH_DEFAULTS.items())
     self._rerankers = {}
     # The first caption of each image, to show what an image is (features are not viewable).
@@ -164,7 +164,7 @@ class Retriever:
   def _reranker(self, k: int) -> rerank_lib.Reranker:
     if k not in self._rerankers:  # one jitted function per k; its shapes never change after
       self._rerankers[k] = rerank_lib.Reranker(self.m.model, k, self.query_block, self.fusion,
-                                               self.alpha)
+                                               self.alpha, self.fusion_weight)
     return self._rerankers[k]
 
   def _pairs(self, token_ids, text_mask, rows, cand):

@@ -87,11 +87,14 @@ def _ones(axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def _dense(features, axes, cfg: EncoderConfig, name: str, axis=-1):
-  """DenseGeneral whose kernel axes are `axes` (inputs then outputs); the bias takes the outputs'."""
+def _dense(features, axes, cfg: EncoderConfig, name: str, axis=-1, dtype=None):
+  """DenseGeneral whose kernel axes are `axes` (inputs then outputs); the bias takes the outputs'.
+
+  `dtype` overrides the compute dtype (the pooler computes in float32).
+  """
   num_in = 1 if isinstance(axis, int) else len(axis)
   return nn.DenseGeneral(
-      features, axis=axis, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      features, axis=axis, dtype=dtype or cfg.compute_dtype, param_dtype=jnp.float32,
       kernel_init=_init(0.02, axes), bias_init=_zeros(axes[num_in:]), name=name)
 
 
@@ -251,8 +254,10 @@ class Encoder(nn.Module):
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, name=f"layer_{i}")(x, mask, deterministic)
     # The pooler reads position 0: [CLS] when text comes first, the first region in M3P's
-    # image-first layout (as M3P's own pooled output).
-    pooled = jnp.tanh(_dense(cfg.hidden_size, ("embed", "mlp"), cfg, "pooler")(x[:, 0]))
+    # image-first layout (as M3P's own pooled output). It computes in float32 whatever the
+    # compute dtype: bf16 CE scores take so few distinct values that rankings tie.
+    pooled = jnp.tanh(_dense(cfg.hidden_size, ("embed", "mlp"), cfg, "pooler",
+                             dtype=jnp.float32)(x[:, 0].astype(jnp.float32)))  # [B, H] float32
     return x, mask, pooled
 
 

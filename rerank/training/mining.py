@@ -8,9 +8,12 @@ With `config.hard_negatives.index` set, mining goes through an index (`rerank.in
 exact, ScaNN, JAX top-k) and negatives are drawn with a temperature over the mined scores.
 
 Model-agnostic: `scorer` is any object with `texts(data, rows)` and `images(data, rows)`
-returning [len(rows), H] unit embeddings (the trainer passes `rerank.inference.engine.DataScorer`).
+returning [len(rows), H] unit embeddings (the trainer passes a `DataScorer` over a
+`rerank.inference.sharded.ShardedEngine`: the embedding is split over every device and process).
+Through an index, each process indexes its share of the images and the per-share top-k merge.
 """
 
+import jax
 import numpy as np
 
 from rerank.indexing import indexes as index_lib
@@ -66,8 +69,7 @@ def mine_with_index(scorer, data: batches.RetrievalData, caption_rows: np.ndarra
   txt_emb = scorer.texts(data, caption_rows)  # [C, H]
   own = data.image_ids[data.caption_image[caption_rows]]  # [C]
   per_id = np.unique(data.image_ids, return_counts=True)[1].max()
-  idx = index_lib.build(img_emb, backend, index_cfg)
-  ids, scores = idx.search(txt_emb, top + int(per_id))
+  ids, scores = _search(img_emb, txt_emb, top + int(per_id), backend, index_cfg)
   positive = (ids < 0) | (data.image_ids[np.maximum(ids, 0)] == own[:, None])
   # Stable sort on "is positive" moves negatives first and keeps their search order.
   order = np.argsort(positive, axis=1, kind="stable")[:, :top]
@@ -78,6 +80,16 @@ def mine_with_index(scorer, data: batches.RetrievalData, caption_rows: np.ndarra
     ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
     scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
   return ids, scores
+
+
+def _search(corpus, queries, k: int, backend: str, index_cfg):
+  """Each process indexes its share of the corpus; the per-share top-k are merged (the same
+  answer on every process, ties to the lower row as one exact index)."""
+  procs = jax.process_count()
+  if len(corpus) < procs:  # too few rows to give every process some: one index each
+    return index_lib.build(corpus, backend, index_cfg).search(queries, k)
+  a, b = index_lib.shard_rows(len(corpus), procs, jax.process_index())
+  return index_lib.search_multihost(index_lib.build(corpus[a:b], backend, index_cfg), a, queries, k)
 
 
 def sample_negatives(ids: np.ndarray, scores: np.ndarray, num: int, temperature: float,

@@ -20,6 +20,7 @@ from rerank import errors
 from rerank.data import datasets
 from rerank.data import prepared
 from rerank.indexing import indexes
+from rerank.indexing import ranking
 from rerank.models import modes
 from rerank.models import pretrained
 from rerank.training import losses
@@ -211,6 +212,9 @@ def _data_and_eval(c: _Checker, files: bool) -> None:
   for n in ("ce_queries_t2i", "ce_queries_i2t", "rr_queries_t2i", "rr_queries_i2t"):
     c.integer(f"eval.{n}", 0, default=0)  # 0 = every query
   c.choice("eval.index", indexes.BACKENDS, default="exact")
+  # RR's order inside the top k (rerank.indexing.ranking.fuse); absent = the CE alone.
+  c.choice("eval.fusion", ranking.FUSIONS + tuple(ranking.FUSION_ALIASES), default="standard")
+  c.number("eval.fusion_weight", 0.0, default=0.0, high=1.0)
   split = c.get("eval.split")
   if not isinstance(split, str) or not split:
     c.problem("eval.split", "a split name such as 'test'", split)

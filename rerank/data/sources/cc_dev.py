@@ -26,17 +26,22 @@ def check_files(source_dir: str, splits) -> None:
 
 
 def read_captions(path: str, problems: common.Problems) -> dict[str, list[str]]:
-  out = {}
-  with common.open_text(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      key, tab, caption = line.rstrip("\r\n").partition("\t")
-      if not tab:
-        problems.bad("malformed_row", f"{path}:{n}", "expected `image_id<TAB>caption`")
-        continue
-      for c in common.clean_captions([caption], f"{path}:{n}", problems):
-        out.setdefault(key.strip(), []).append(c)
+  out, first = {}, {}  # id -> captions; canonical id -> (id, line)
+  for n, line in enumerate(common.read_lines(path), 1):
+    if not line.strip():
+      continue
+    key, tab, caption = line.partition("\t")
+    key = key.strip()
+    if not tab:
+      problems.bad("malformed_row", f"{path}:{n}", "expected `image_id<TAB>caption`")
+      continue
+    seen = first.setdefault(common.canonical_id(key), (key, n))
+    if seen[0] != key:  # `12` and `012`: one image once ids are read as numbers
+      problems.bad("duplicate_id", f"{path}:{n}", f"image id {key!r} and image id {seen[0]!r} "
+                   f"(line {seen[1]}) are one number")
+      continue
+    for c in common.clean_captions([caption], f"{path}:{n}", problems):
+      out.setdefault(key, []).append(c)
   return out
 
 
@@ -49,8 +54,10 @@ def _load(path: str, problems: common.Problems):
         return None
       x, bbox = np.asarray(z["x"], np.float32), np.asarray(z["bbox"], np.float32)
       n, h, w = int(z["num_bbox"]), float(z["image_h"]), float(z["image_w"])
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    problems.bad("malformed_row", path, f"not a readable .npz: {e}")
+  except (OSError, ValueError, TypeError, OverflowError, zipfile.BadZipFile) as e:
+    problems.bad("malformed_row", path, f"not a readable .npz of numbers: {e}")
+    return None
+  if not common.check_region_count(n, f"{path}: num_bbox", problems):
     return None
   if x.ndim != 2 or x.shape[1] != common.FEATURE_DIM or x.shape[0] != n:
     problems.bad("bad_width", path, f"x: expected [num_bbox={n}, {common.FEATURE_DIM}]; found "
@@ -59,8 +66,7 @@ def _load(path: str, problems: common.Problems):
   if bbox.shape != (n, 4):
     problems.bad("bad_width", path, f"bbox: expected [num_bbox={n}, 4]; found {list(bbox.shape)}")
     return None
-  if w <= 0 or h <= 0:
-    problems.bad("malformed_row", path, f"image size must be positive; found {w}x{h}")
+  if not common.check_image_size(w, h, path, problems):
     return None
   regions = np.concatenate([x, common.box_values(bbox, w, h)], 1)
   if not common.check_regions(regions, path, problems):

@@ -46,8 +46,48 @@ def _load_pt(path: str):
   try:
     return torch.load(path, weights_only=True, map_location="cpu")
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-    raise common.BadInput("malformed_row", path, f"not a readable torch file of tensors and "
-                          f"plain containers: {str(e).splitlines()[0]}") from e
+    detail = (str(e).splitlines() or [type(e).__name__])[0]  # EOFError has no message
+    if os.path.getsize(path) == 0:
+      detail = "the file is empty (0 bytes)"
+    raise common.BadInput("bad_file", path, f"not a readable torch file of tensors and "
+                          f"plain containers: {detail}") from e
+
+
+def _by_id(value, path: str, what: str, problems: common.Problems) -> dict:
+  """A loaded `{image id: value}` dict with str keys; anything else is one error naming `path`.
+
+  Keys `5` and `"5"` (or `"05"`) are one image once ids are strings and then numbers: bad input,
+  not one of them silently dropped.
+  """
+  if not isinstance(value, dict):
+    raise common.BadInput("bad_file", path, f"expected a dict of image id -> {what}; found "
+                          f"{type(value).__name__}")
+  out, spelled = {}, {}  # str id -> value; canonical id -> key as stored
+  for key, v in value.items():
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+      raise common.BadInput("bad_file", path, f"expected image ids as int or str keys; found "
+                            f"{key!r} ({type(key).__name__})")
+    canonical = common.canonical_id(str(key))
+    if canonical in spelled:
+      problems.bad("duplicate_id", f"{path}: image id {key!r}", f"and image id "
+                   f"{spelled[canonical]!r} are one image (keys are read as strings, then "
+                   f"numbers); keep one of them")
+      continue
+    spelled[canonical] = key
+    out[str(key)] = v
+  return out
+
+
+def _regions(value, where: str, problems: common.Problems):
+  """A stored feature value -> [N, 2054] float32 array, or None after reporting it."""
+  try:
+    return np.asarray(value.float().numpy() if hasattr(value, "numpy") else value, np.float32)
+  except (ValueError, TypeError, RuntimeError) as e:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    problems.bad("malformed_row", where, f"region features: expected a float tensor [N, "
+                 f"{common.REGION_DIM}]; found {type(value).__name__} {shown} "
+                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    return None
 
 
 def _captions(value, where: str, problems: common.Problems):
@@ -81,8 +121,8 @@ def read(source_dir: str, split: str, problems: common.Problems):
   """Yields the split's `Image`s in key-file order."""
   keys_path, cap_path, feat_path = _split_files(source_dir, split)
   keys = common.read_id_list(keys_path, problems)
-  captions = {str(k): v for k, v in _load_pt(cap_path).items()}
-  feats = {str(k): v for k, v in _load_pt(feat_path).items()}
+  captions = _by_id(_load_pt(cap_path), cap_path, "list of captions", problems)
+  feats = _by_id(_load_pt(feat_path), feat_path, "float tensor [N, 2054]", problems)
   if split != "test1k":  # the 1k fold reads the 5k files: their other ids are expected
     listed = set(keys)
     for k in captions:
@@ -103,9 +143,9 @@ def read(source_dir: str, split: str, problems: common.Problems):
     if not caps:
       problems.bad("image_without_captions", where, "no non-empty captions")
       continue
-    regions = np.asarray(feats[k].float().numpy() if hasattr(feats[k], "numpy") else feats[k],
-                         np.float32)
-    if not common.check_regions(regions, f"{feat_path}: image id {k}", problems):
+    regions = _regions(feats[k], f"{feat_path}: image id {k}", problems)
+    if regions is None or not common.check_regions(regions, f"{feat_path}: image id {k}",
+                                                   problems):
       continue
     yield common.Image(image_id=k, regions=regions, boxes=regions[:, 2048:2052].copy(),
                        image_size=(0, 0), captions=caps, languages=["en"] * len(caps))

@@ -76,8 +76,9 @@ def parse_row(line: bytes, where: str, problems: common.Problems):
     problems.bad("malformed_row", where, f"img_w/img_h/num_boxes must be integers and boxes/"
                  f"features base64 float32: {e}")
     return None
-  if w <= 0 or h <= 0:
-    problems.bad("malformed_row", where, f"image size must be positive; found {w}x{h}")
+  if not common.check_image_size(w, h, where, problems):
+    return None
+  if not common.check_region_count(n, f"{where}: num_boxes", problems):
     return None
   if boxes.size != 4 * n:
     problems.bad("bad_width", where, f"boxes: expected num_boxes*4 = {4 * n} float32 values; "
@@ -119,8 +120,7 @@ def check_files(source_dir: str, splits) -> None:
 
 
 def read_sentences(path: str, problems: common.Problems) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    lines = [strip_markup(line) for line in f]
+  lines = [strip_markup(line) for line in common.read_lines(path)]
   while lines and not lines[-1]:  # a trailing newline is not an empty caption
     lines.pop()
   return common.clean_captions(lines, path, problems)

@@ -68,8 +68,7 @@ def read(source_dir: str, split: str, problems: common.Problems,
   columns = []  # (language, path, lines)
   for lang, paths in caption_files(source_dir, split).items():
     for path in paths:
-      with common.open_text(path) as f:
-        lines = f.read().splitlines()
+      lines = common.read_lines(path)
       if len(lines) != len(keys):
         raise common.BadInput("malformed_row", path, f"expected one caption per image of "
                               f"{list_path} ({len(keys)} lines); found {len(lines)}")
