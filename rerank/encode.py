@@ -3,6 +3,8 @@ r"""Bi-encoder embeddings of texts or images from a converted checkpoint or a tr
   python -m rerank.encode --checkpoint=DIR --texts=FILE --out=FILE.npy
   python -m rerank.encode --checkpoint=DIR --images=FEATURES.npz --out=FILE.npy
 
+An existing --out is replaced only with --overwrite, and only when it is a .npy array file.
+
 Texts: one per line (UTF-8). Images: an `.npz` with `features` [N, R, F+box] float32 and
 optionally `mask` [N, R] bool (or `num_regions` [N]); a bare `.npy` [N, R, F+box] means every
 region is valid. Out: float32 [N, H], the masked mean over every valid output position
@@ -24,6 +26,7 @@ from absl import flags
 import numpy as np
 
 from rerank import cli
+from rerank import errors
 from rerank.inference import engine
 from rerank.inference import sharded
 
@@ -50,9 +53,30 @@ def read_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return feats, None
 
 
+def check_out(path: str, overwrite: bool = False) -> None:
+  """Raises UserError unless `path` is new, or a .npy array file and `overwrite`."""
+  if not os.path.lexists(path):
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      raise errors.expected(f"--out {path!r}", "a file in an existing directory",
+                            "no such directory")
+    return
+  if not os.path.isfile(path) or not _is_npy(path):
+    kind = "a directory" if os.path.isdir(path) else "a file that is no .npy array"
+    raise errors.expected(f"--out {path!r}", "a new .npy file", f"{kind}; choose another --out")
+  if not overwrite:
+    raise errors.expected(f"--out {path!r}", "a new .npy file", "an existing one; pass "
+                          "--overwrite to replace it")
+
+
+def _is_npy(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(6) == b"\x93NUMPY"
+
+
 def _write_npy(path: str, array: np.ndarray) -> None:
   """Writes `path` atomically: a temporary file in the same directory, then a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                     f".{os.path.basename(path)}.tmp-{os.getpid()}")
   try:
     with open(tmp, "wb") as f:
       np.save(f, array)
@@ -67,6 +91,7 @@ def define_flags():
   flags.DEFINE_string("texts", None, "Text file, one text per line.")
   flags.DEFINE_string("images", None, "Region features: .npz (features [N,R,W], mask) or .npy.")
   flags.DEFINE_string("out", None, "Output .npy file: float32 [N, H].")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out .npy file.")
   flags.DEFINE_integer("batch_size", 64, "Inputs per forward pass.")
   flags.DEFINE_integer("max_text_len", 0, "Tokens per text incl. specials (0 = the checkpoint's "
                        "training setting, or 72 / 130 for M3P).")
@@ -108,6 +133,7 @@ def main(argv):
   source = FLAGS.texts or FLAGS.images
   if not os.path.isfile(source):
     cli.fail(f"{'--texts' if FLAGS.texts else '--images'} {source!r}: no such file")
+  check_out(FLAGS.out, FLAGS.overwrite)
   try:
     emb, description = encode(FLAGS.checkpoint, FLAGS.texts, FLAGS.images, FLAGS.batch_size,
                               FLAGS.max_text_len, FLAGS.max_regions, FLAGS.normalize)
@@ -116,7 +142,7 @@ def main(argv):
   try:
     _write_npy(FLAGS.out, emb)
   except OSError as e:
-    cli.fail(f"cannot write --out {FLAGS.out!r}: {e}")
+    cli.fail(f"--out {FLAGS.out!r}: cannot write it ({e.strerror or e}); nothing was written")
   print(f"wrote {FLAGS.out}: {emb.shape[0]} x {emb.shape[1]} float32 ({description})")
 
 

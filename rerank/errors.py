@@ -23,3 +23,10 @@ class UserError(ValueError):
 def expected(where: str, what: str, found) -> UserError:
   """The usual message: `WHERE: expected WHAT, found FOUND`, e.g. raise errors.expected(...)."""
   return UserError(f"{where}: expected {what}, found {found}")
+
+
+def entries(names, shown: int = 3) -> str:
+  """'1 entry (a.txt)', '5 entries (a, b, c, ...)': what a directory holds, for a message."""
+  names = sorted(names)
+  listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+  return f"{len(names)} {'entry' if len(names) == 1 else 'entries'} ({listed})"

@@ -1,7 +1,7 @@
 r"""Embeds a split's images with a trained checkpoint's bi-encoder and saves their index.
 
   python -m rerank.index --checkpoint=WORKDIR [--dataset=NAME] [--split=test] --out=DIR \
-      [--target_recall=0.95]
+      [--target_recall=0.95] [--overwrite]
 
 The glue between a model and the index library (which knows only arrays): restore the
 workdir, embed the split's images with the engine, build the index, save it with the
@@ -11,13 +11,20 @@ A ScaNN index searches the number of leaves that reaches `config.index.target_re
 (`--target_recall` overrides it): measured at build time against exact search on a sample of
 the split's captions (text queries, which sit elsewhere in the space than the images), and
 recorded in the index's index.json under "scann" / "calibration".
+
+DIR must be absent or empty, or hold an index of ours and `--overwrite` be given: the index
+replaces DIR whole, so any other folder (`.`, a training workdir, notes) is refused.
 """
+
+import json
+import os
 
 from absl import flags
 import ml_collections
 import numpy as np
 
 from rerank import cli
+from rerank import errors
 from rerank.data import datasets
 from rerank.indexing import indexes
 from rerank.inference import engine
@@ -31,23 +38,55 @@ def define_flags():
   flags.DEFINE_string("dataset", None, "Dataset name (default: the checkpoint config's).")
   flags.DEFINE_string("split", "test", "Split whose images form the corpus.")
   flags.DEFINE_integer("num_images", 0, "Use only the first N images of the split (0 = all).")
-  flags.DEFINE_string("out", None, "Directory to write the index to (replaced atomically).")
+  flags.DEFINE_string("out", None, "Directory to write the index to: absent or empty, or an index "
+                      "to replace with --overwrite (replaced atomically).")
+  flags.DEFINE_bool("overwrite", False, "Replace the index already in --out (never another kind "
+                    "of directory).")
   flags.DEFINE_enum("backend", None, list(indexes.BACKENDS), "Override config.index.backend.")
   flags.DEFINE_float("target_recall", None, "ScaNN: search the fewest leaves reaching this "
                      "recall@index.recall_k vs exact search (overrides config.index.target_recall "
                      "and .leaves_to_search; 0 = no calibration).")
 
 
+def check_out(out: str, overwrite: bool = False) -> None:
+  """Raises UserError unless `out` is absent, empty, or an index of ours and `overwrite`."""
+  if not os.path.lexists(out):
+    return
+  where = f"--out {out!r}"
+  if not os.path.isdir(out):
+    raise errors.expected(where, "a directory for the index", "a file")
+  entries = sorted(os.listdir(out))
+  if not entries:
+    return
+  if not _is_index(out):
+    raise errors.expected(where, "an empty directory or an index written by rerank.index",
+                          f"{errors.entries(entries)}; choose another --out")
+  if not overwrite:
+    raise errors.expected(where, "a new directory", "an index already; pass --overwrite to "
+                          "replace it")
+
+
+def _is_index(path: str) -> bool:
+  try:
+    with open(os.path.join(path, "index.json"), encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(meta, dict) and "kind" in meta and "identity" in meta
+
+
 def build_index(checkpoint: str, out: str, dataset: str | None = None, split: str = "test",
                 num_images: int = 0, backend: str | None = None, log=print,
-                target_recall: float | None = None):
+                target_recall: float | None = None, overwrite: bool = False):
   """Embeds the images of `dataset`/`split` (the first `num_images`; 0 = all) with the BE of
   the training workdir `checkpoint`, and saves their index to `out`; returns the index.
 
   `backend` defaults to the checkpoint config's index.backend; `target_recall` (None = the
-  config's index.target_recall) calibrates a ScaNN index on the split's captions. Raises
-  FileNotFoundError or ValueError naming the flag at fault.
+  config's index.target_recall) calibrates a ScaNN index on the split's captions. `out` must
+  be absent or empty, or an index to replace when `overwrite` (checked first, and again before
+  the save). Raises errors.UserError, FileNotFoundError or ValueError naming the flag at fault.
   """
+  check_out(out, overwrite)
   if target_recall is not None and not 0 <= target_recall <= 1:
     raise ValueError(f"--target_recall: expected a recall in [0, 1]; found {target_recall}")
   try:
@@ -87,7 +126,12 @@ def build_index(checkpoint: str, out: str, dataset: str | None = None, split: st
   identity = {"checkpoint": restored.path, "which": restored.description,
               "fingerprint": restored.fingerprint, "dim": int(emb.shape[1]),
               "dataset": config.dataset.name, "split": split, "num_images": int(num_images)}
-  indexes.save(idx, out, identity, {"image_ids": data.image_ids})
+  check_out(out, overwrite)  # again: embedding takes a while, and `out` may have changed
+  try:
+    indexes.save(idx, out, identity, {"image_ids": data.image_ids})
+  except OSError as e:
+    raise errors.UserError(f"--out {out!r}: cannot write the index ({e.strerror or e}); "
+                           "nothing was written") from e
   log(f"wrote {idx.kind} index of {idx.size} x {idx.dim} to {out}")
   return idx
 
@@ -108,7 +152,7 @@ def main(argv):
     cli.fail("--checkpoint (a training workdir) and --out (the index directory) are required")
   try:
     build_index(FLAGS.checkpoint, FLAGS.out, FLAGS.dataset, FLAGS.split, FLAGS.num_images,
-                FLAGS.backend, target_recall=FLAGS.target_recall)
+                FLAGS.backend, target_recall=FLAGS.target_recall, overwrite=FLAGS.overwrite)
   except (FileNotFoundError, ValueError) as e:
     cli.fail(str(e))
 

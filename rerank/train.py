@@ -26,6 +26,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from rerank import cli
+from rerank import errors
 from rerank import paths
 from rerank.data import batches
 from rerank.data import datasets
@@ -44,6 +45,7 @@ from rerank.training import mining
 from rerank.training import sharding
 from rerank.training import steps
 from rerank.training import validate
+from rerank.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 PREFETCH = 2  # batches made ahead of the step: enough to hide input that is faster than a step
@@ -64,17 +66,24 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
   Raises:
     validate.ConfigError: every problem of the config at once, or a workdir it cannot write;
       raised before anything is written.
+    errors.UserError: `workdir` is no workdir of ours, another run holds it, or its checkpoints
+      are of another model than `config`'s; raised before anything in it changes.
     steps.NonFiniteLossError: a loss went NaN or inf (checked at every log, dev-evaluation
       and checkpoint step, so no checkpoint holds the bad state).
   """
   # ---------------------------------------------------------------- config and workdir
   validate.check(config, num_devices=jax.device_count())
-  mode = modes.get(config.mode)
+  workdir_lib.check_destination(workdir)
   _make_workdir(workdir)
+  with workdir_lib.Lock(workdir, distributed.log, enabled=distributed.is_main()):
+    workdir_lib.check_resumable(config, workdir)
+    return _train_and_evaluate(config, workdir, stop_after)
+
+
+def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
+  """train_and_evaluate in a checked workdir that this run holds."""
+  mode = modes.get(config.mode)
   is_main, log = distributed.is_main(), distributed.log
-  if is_main:
-    paths.write_text(paths.join(workdir, "config.json"),
-                     config.to_json_best_effort(indent=2) + "\n")
 
   # ---------------------------------------------------------------- input
   t0 = time.perf_counter()
@@ -123,18 +132,21 @@ def train_and_evaluate(config, workdir: str, stop_after: int = 0) -> dict | None
 
   with checkpoints.Checkpoints(workdir, keep=config.keep_checkpoints) as ckpts:
     # -------------------------------------------------------------- resume
-    start = 0
-    if config.get("init_from") and ckpts.latest_step() is None:
+    # Any mix of finished and unfinished steps a kill left; config.json is (re)written only
+    # once the state is restored, so a failed resume leaves the workdir as it was.
+    start = ckpts.prepare_resume(log, remove_unfinished=is_main)
+    if config.get("init_from") and not start:
       encoder = pretrained.load_encoder_params(config.init_from)
       params = _or_config_error(build.with_pretrained_encoder, state["params"], encoder, mode)
       state["params"] = jax.device_put(params, layout.state["params"])
       log(f"init_from {config.init_from}: encoder loaded "
           f"({pretrained.read_meta(config.init_from)['family']}); ce_head freshly initialised")
-    if ckpts.latest_step() is not None:
-      state = ckpts.restore_state(jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
-      start = int(state["step"])
+    if start:
+      state = _restore(ckpts, state, workdir, start)
       log(f"resumed from {workdir}/checkpoints at step {start}")
+    if is_main:
+      workdir_lib.write_text(paths.join(workdir, workdir_lib.CONFIG),
+                             config.to_json_best_effort(indent=2) + "\n")
 
     # -------------------------------------------------------------- loop
     # Metrics reach the host only at log, dev-evaluation and checkpoint steps (no device sync
@@ -280,6 +292,24 @@ def _make_workdir(path: str) -> None:
     raise validate.ConfigError(f"cannot create or write workdir {path!r}: {e.strerror or e}") from e
 
 
+def _restore(ckpts, state, workdir: str, step: int):
+  """The train state of checkpoints/`step`, laid out like `state`; UserError if it cannot be."""
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  try:
+    restored = ckpts.restore_state(abstract, step)
+  except Exception as e:  # noqa: BLE001  orbax and tensorstore raise bare Exception for bad data
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise errors.UserError(
+        f"{workdir}/checkpoints/{step}: cannot restore it into the config's train state "
+        f"({reason}); move that step away to resume from an older one, or train in a new "
+        "--workdir") from e
+  if int(restored["step"]) != step:
+    raise errors.expected(f"{workdir}/checkpoints/{step}", f"the train state of step {step}",
+                          f"step {int(restored['step'])}")
+  return restored
+
+
 def _or_config_error(fn, *args, **kwargs):
   """fn(*args, **kwargs), its ValueError (a config that does not fit the checkpoint, mesh or
   model) as a ConfigError."""
@@ -311,8 +341,11 @@ def main(argv):
   config = cli.load_config()
   try:
     train_and_evaluate(config, FLAGS.workdir, stop_after=FLAGS.stop_after)
-  except (validate.ConfigError, steps.NonFiniteLossError) as e:
+  except steps.NonFiniteLossError as e:
     cli.fail(str(e))
+  except OSError as e:  # disk full, a read-only or vanished workdir mid-run
+    cli.fail(f"{e.filename or FLAGS.workdir}: {e.strerror or e} (the newest checkpoint in "
+             "--workdir is intact: rerun the same command to resume once this is fixed)")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Layout: `DIR/checkpoints/<step>/` (full train state, the last `keep` steps) and
 `DIR/best/<step>/` (parameters only, the single best dev score). Orbax writes each step to a
 temporary directory and renames it when complete, so a crash never leaves a half checkpoint
 that looks finished; saves are asynchronous, so training continues while they are written.
+
+A run killed mid-save can leave any mix of finished and unfinished steps in the two
+directories (say best/3 written, checkpoints/3 still a temp directory). `prepare_resume`, called
+by the trainer only (it holds the workdir lock), settles them before training continues.
 """
 
 import orbax.checkpoint as ocp
@@ -39,6 +43,28 @@ class Checkpoints:
   def save_best(self, step: int, params, dev_score: float) -> None:
     self.best.save(step, args=ocp.args.StandardSave({"params": params}),
                    metrics={"dev_score": float(dev_score)}, force=True)
+
+  def prepare_resume(self, log=print, remove_unfinished: bool = True) -> int:
+    """The step training resumes from (0 = start), after settling what a kill left behind.
+
+    Unfinished saves (orbax temp directories) are removed, and best checkpoints newer than the
+    newest train state are deleted: training re-runs those steps (deterministically) and saves
+    them again, which orbax refuses while they exist (StepAlreadyExistsError). Every process
+    calls it (deleting is collective); `remove_unfinished` on one of them.
+    """
+    for manager in (self.latest, self.best):
+      pattern = f"*{ocp.path.atomicity.TMP_DIR_SUFFIX}*"
+      for tmp in manager.directory.glob(pattern) if remove_unfinished else ():
+        tmp.rmtree(missing_ok=True)
+        log(f"warning: removed the unfinished checkpoint {tmp} (the run was killed mid-save)")
+      manager.reload()
+    start = self.latest.latest_step() or 0
+    for step in self.best.all_steps():
+      if step > start:
+        log(f"warning: {self.best.directory}/{step} is newer than the newest train state (step "
+            f"{start}); training repeats steps {start + 1}-{step} and saves it again")
+        self.best.delete(step)
+    return start
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()

@@ -1,17 +1,45 @@
 """Training metrics to `metrics.jsonl` and TensorBoard event files (tensorboardX, no TensorFlow).
 
 On resume from step s, logged lines after s are dropped first, so a run that was killed and
-restarted leaves one line per logged step, as an uninterrupted run would. The workdir may be
-local or a gs:// bucket (rerank/paths.py); buckets cannot append, so there the file is
-rewritten whole at each logged step.
+restarted leaves one line per logged step, as an uninterrupted run would. A final line torn by
+a kill mid-write is dropped with a warning; a damaged line before it is an error naming it.
+The workdir may be local or a gs:// bucket (rerank/paths.py); buckets cannot append, so there
+the file is rewritten whole at each logged step.
 """
 
 import json
 
+from absl import logging
 import numpy as np
 import tensorboardX
 
+from rerank import errors
 from rerank import paths
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a torn final line (a kill mid-write) is dropped with a warning.
+
+  Raises errors.UserError naming the line when one before the last is not a row of ours.
+  """
+  lines = paths.read_text(path).splitlines(keepends=True)
+  rows = []
+  for i, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+        raise ValueError("no integer step")
+    except ValueError as e:
+      if i == len(lines) and not line.endswith("\n"):
+        logging.warning("%s:%d: dropped a torn last line (the run was killed while writing it)",
+                        path, i)
+        continue
+      raise errors.expected(f"{path}:{i}", "a JSON object with an integer step",
+                            f"{line.strip()[:80]!r} ({e})") from e
+    rows.append(row)
+  return rows
 
 
 class MetricWriter:
@@ -24,8 +52,8 @@ class MetricWriter:
       return
     self._lines = []  # every line, for buckets (rewritten whole); unused locally
     if resume_step > 0 and paths.exists(self.path):
-      self._lines = [line + "\n" for line in paths.read_text(self.path).splitlines()
-                     if line.strip() and json.loads(line)["step"] <= resume_step]
+      self._lines = [json.dumps(row) + "\n" for row in read_rows(self.path)
+                     if row["step"] <= resume_step]
       paths.write_text(self.path, "".join(self._lines))
     else:
       paths.remove(self.path)
