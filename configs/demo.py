@@ -117,9 +117,13 @@ def get_config(arg=None):
   # first) or "rank" (mixing the two ranks); w = eval.fusion_weight (the paper's Table 9).
   # eval.index: the BE first stage, "exact" (brute force), "scann", "jax" (on-device top-k)
   # or "auto" (exact up to index.exact_max items, else ScaNN).
+  # eval.dev_ce_queries_*: the CE query sample of the dev evaluation during training (-1 = as
+  # ce_queries_*). eval.part_pairs: CE pairs per stored part of the final evaluation, which
+  # a preempted run resumes from (rerank/evaluation/parts.py).
   c.eval = dict(split="test", k=20, batch_size=256, ce_queries_t2i=100, ce_queries_i2t=50,
                 rr_queries_t2i=0, rr_queries_i2t=0, use_best=True, index="exact",
-                fusion="standard", fusion_weight=0.0)  # 0 = all queries
+                fusion="standard", fusion_weight=0.0,  # 0 = all queries
+                dev_ce_queries_t2i=-1, dev_ce_queries_i2t=-1, part_pairs=1 << 17)
   if arg.pretrain:
     c.eval.update(ce_queries_t2i=30, ce_queries_i2t=6)
   # Index built by `python -m rerank.index` (and used by evaluation when eval.index != exact).

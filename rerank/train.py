@@ -17,13 +17,10 @@ and multi-host jobs are detected by rerank/training/distributed.py.
 """
 
 import os
-import signal
-import threading
 import time
 
 from absl import flags
 import jax
-from jax.experimental import multihost_utils
 
 from rerank import cli
 from rerank import errors
@@ -167,7 +164,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
     # Input runs PREFETCH steps ahead on a thread of each process (rerank/data/prefetch.py); a
     # resumed run restarts it at its step, as batches need nothing but (seed, step, mined).
     with metric_writer.MetricWriter(workdir, resume_step=start, enabled=is_main) as writer, \
-        Preemption() as preemption, prefetch.Feed(make_batch, total, PREFETCH) as feed:
+        parts.Sigterm() as preemption, prefetch.Feed(make_batch, total, PREFETCH) as feed:
       for step in range(start + 1, total + 1):
         if hn.every and step - 1 >= hn.start and ((step - 1 - hn.start) % hn.every == 0
                                                   or mined is None):
@@ -239,43 +236,6 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
     log(f"wrote {workdir}/results.json, results.md, metrics.jsonl")
   store.discard()
   return results
-
-
-class Preemption:
-  """SIGTERM (a preemption notice) -> every process checkpoints at the same step and stops.
-
-  One process: a Python SIGTERM handler sets a flag. Several processes: jax's preemption
-  service (started by `jax.distributed.initialize`) catches SIGTERM on any host, tells the
-  others, and `reached_preemption_sync_point` turns True on all of them at the same step.
-  Leaving the `with` block (after training: the final evaluation cannot checkpoint) puts the
-  previous handler back, so a later SIGTERM ends the process at once.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self.multihost = jax.process_count() > 1
-    self._previous = None
-
-  def __enter__(self):
-    # Signal handlers can only be set from the main thread; elsewhere SIGTERM keeps its effect.
-    if not self.multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    """Call once per step on every process; True when this step must be the last."""
-    if self.multihost:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
 
 
 def _make_workdir(path: str) -> None:

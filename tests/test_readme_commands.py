@@ -127,8 +127,7 @@ COMMANDS = {
     "--workdir=DIR": Run(
         "launch/local_multiprocess.sh 2 python -m rerank.train --config=configs/demo.py:runlocal "
         "--workdir={tmp}/w --stop_after=2", "2 steps", files=("{tmp}/w/checkpoints/2",)),
-    "TPU_NAME=... ZONE=... launch/tpu_pod.sh setup": Skip(SLICE),
-    "... launch/tpu_pod.sh run python -m rerank.train --config=... --workdir=/mnt/runs/DIR":
+    "launch/tpu_pod.sh run python -m rerank.train --config=... --workdir=gs://BUCKET/runs/DIR":
         Skip(SLICE),
     "WORKDIR=/mnt/runs/DIR CONFIG=configs/demo.py sbatch --nodes=4 launch/slurm.sbatch":
         Skip(SLURM),
@@ -159,6 +158,9 @@ COMMANDS = {
     "python -m rerank.bench --out=workdirs/bench --model=base --ce_max=64 --queries=100": Covered(
         "tests/test_bench.py::test_bench_cli_writes_table_json_and_plot", "the tiny encoder, "
         "small --sizes; the base encoder only adds minutes of CPU compile (--model is an enum)"),
+    "python -m rerank.bench --out=workdirs/bench --model=base --sizes=1000 --ce_max=256": Covered(
+        "tests/test_bench.py::test_bench_cli_writes_table_json_and_plot", "the tiny encoder, "
+        "small --sizes, with the paper's cost tables (Tables 3 and 4) that this line is for"),
     # Status, Pretrained checkpoints and Reproducing (inline)
     "python -m rerank.export --workdir=workdirs/pretrain --dst=pretrained/synthetic_mini "
     "--which=last": Run(

@@ -490,3 +490,15 @@ def test_damaged_checkpoint_is_one_line_and_changes_nothing(tmp_path, trained):
                              "train state ("), lines[0]
   assert "move that step away to resume from an older one" in lines[0]
   assert _snapshot(w) == before
+
+
+def test_probes_of_other_processes_do_not_make_a_workdir_foreign(tmp_path):
+  """Processes of one multi-host run probe the new workdir while the others check it: their
+  probe files (and the temp files of those writes) are not a user's files; anything else is."""
+  from rerank.training import workdir as workdir_lib
+  for name in (".write_test.1.9161", "..write_test.1.9161.9b9670bb.tmp"):
+    (tmp_path / name).write_text("")
+  workdir_lib.check_destination(str(tmp_path))  # no error
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(errors.UserError, match="notes.txt"):
+    workdir_lib.check_destination(str(tmp_path))

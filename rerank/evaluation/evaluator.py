@@ -43,7 +43,7 @@ from rerank.inference import sharded
 from rerank.models import modes
 
 
-# CE pairs per stored part of the final evaluation (eval.part_pairs overrides): minutes of work
+# CE pairs per stored part of the final evaluation (eval.part_pairs, where set): minutes of work
 # on one accelerator, so a preemption loses little and the directory holds few files.
 DEFAULT_PART_PAIRS = 1 << 17
 
@@ -312,11 +312,11 @@ def _rr_row(scorer, data, eval_cfg, seed, model_name, rel, q_txt, q_img, be, per
 
 def dev_config(eval_cfg):
   """config.eval for the dev evaluation during training: `eval.dev_ce_queries_t2i` / `_i2t`
-  (where a config sets them) replace the CE query sample, as the authors evaluate their CE on
-  a small dev sample; everything else as the final evaluation."""
+  (where >= 0; -1 = unset) replace the CE query sample, as the authors evaluate their CE on a
+  small dev sample; everything else as the final evaluation."""
   cfg = copy.deepcopy(eval_cfg)
   for d in ("t2i", "i2t"):
-    if eval_cfg.get(f"dev_ce_queries_{d}") is not None:
+    if eval_cfg.get(f"dev_ce_queries_{d}", -1) >= 0:
       cfg[f"ce_queries_{d}"] = eval_cfg[f"dev_ce_queries_{d}"]
   return cfg
 

@@ -30,7 +30,9 @@ class Interrupted(Exception):
 
 
 class Sigterm:
-  """SIGTERM -> `stop()` turns True at the next part boundary, on every process at once.
+  """SIGTERM -> `stop()` turns True at the next part boundary (`reached(step)`: at the next
+  training step), on every process at once. Leaving the `with` block puts the previous handler
+  back, so a later SIGTERM ends the process at once.
 
   One process: a Python handler sets a flag. Several: jax's preemption service (started by
   `jax.distributed.initialize`) catches SIGTERM on any host and `reached_preemption_sync_point`
@@ -58,11 +60,17 @@ class Sigterm:
     del signum, frame
     self.requested = True
 
-  def __call__(self) -> bool:
-    self.calls += 1
+  def reached(self, step: int) -> bool:
+    """Call with increasing steps on every process; True when this step must be the last
+    (the trainer checkpoints at it and stops)."""
     if self.multihost:
-      return multihost_utils.reached_preemption_sync_point(self.calls)
+      return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
+
+  def __call__(self) -> bool:
+    """True when the next part must not start (one call per part boundary, every process)."""
+    self.calls += 1
+    return self.reached(self.calls)
 
 
 def key_of(fields: dict) -> str:

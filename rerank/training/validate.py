@@ -211,6 +211,9 @@ def _data_and_eval(c: _Checker, files: bool) -> None:
   c.integer("eval.batch_size", 1)
   for n in ("ce_queries_t2i", "ce_queries_i2t", "rr_queries_t2i", "rr_queries_i2t"):
     c.integer(f"eval.{n}", 0, default=0)  # 0 = every query
+  for d in ("t2i", "i2t"):
+    c.integer(f"eval.dev_ce_queries_{d}", -1, default=-1)  # -1 = as eval.ce_queries_*
+  c.integer("eval.part_pairs", 1, default=1 << 17)
   c.choice("eval.index", indexes.BACKENDS, default="exact")
   # RR's order inside the top k (rerank.indexing.ranking.fuse); absent = the CE alone.
   c.choice("eval.fusion", ranking.FUSIONS + tuple(ranking.FUSION_ALIASES), default="standard")

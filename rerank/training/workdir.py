@@ -65,8 +65,11 @@ def _is_training_config(path: str) -> bool:
 
 
 def _is_our_temp(name: str) -> bool:
-  """Temp files our writers leave only when killed mid-write: `.NAME.*.tmp`, `.write_test.*`."""
-  return any(name.startswith(f".{o}.") for o in OURS + ("write_test",))
+  """Temp files our writers leave only when killed mid-write: `.NAME.*.tmp`; the workdir probes
+  `.write_test.*` that other processes of the same run write while this one checks (and their
+  own temp files, `..write_test.*.tmp`)."""
+  return (any(name.startswith(f".{o}.") for o in OURS)
+          or name.lstrip(".").startswith("write_test."))
 
 
 def check_resumable(config, workdir: str) -> None:
