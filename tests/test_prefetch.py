@@ -15,21 +15,7 @@ from rerank.data import prefetch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo  # noqa: E402
-
-
-def _data(num_images=12, per_image=3):
-  caption_image = np.repeat(np.arange(num_images), per_image).astype(np.int32)
-  t = len(caption_image)
-
-  def region_features(rows):
-    rows = np.asarray(rows)
-    regions = np.zeros((len(rows), 2, 5), np.float32) + rows[:, None, None]
-    return regions, np.ones((len(rows), 2), bool)
-
-  return batches.RetrievalData(
-      token_ids=np.arange(t, dtype=np.int32)[:, None].repeat(4, 1), text_mask=np.ones((t, 4), bool),
-      caption_image=caption_image, image_ids=np.arange(num_images, dtype=np.int64) + 100,
-      region_features=region_features)
+from test_batches import _data  # noqa: E402  (the same tiny RetrievalData)
 
 
 def _materialise(tree):
