@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -124,3 +125,66 @@ def test_workloads_run_in_full_within_budget_else_scale_a_batch(monkeypatch, bud
   assert paper_costs._workload(clock.run, 10, 4, per_batch, budget) == want
   assert clock.calls == calls
   assert paper_costs._workload(clock.run, 3, 4, per_batch, budget) == paper_costs.Cell(2.0, True)
+
+
+# ------------------------------------------------------------------ the bench's arithmetic
+
+# Known costs (seconds) of the timed pieces; the expected rows below are computed from them.
+ENCODE, SEARCH_PER_QUERY, RERANK, PAIRS_FIXED, PER_PAIR = 0.0031, 0.0005, 0.02, 0.1, 0.001
+
+
+def _fake_bench(monkeypatch, clock):
+  """bench.run's model and exact index replaced by stand-ins that advance `clock` by known costs."""
+
+  class Model:
+    def __init__(self, size, k, pair_batch=256):
+      del size, pair_batch
+      self.config = ml_collections.ConfigDict(dict(model=dict(hidden_size=8)))
+      self.k = k
+
+    def encode_one(self):
+      clock.now += ENCODE
+
+    def ce_pairs(self, n):
+      clock.now += PAIRS_FIXED + n * PER_PAIR
+
+    def rerank_one(self, ids, scores):
+      assert ids.shape == scores.shape == (1, self.k)
+      clock.now += RERANK
+
+  class Exact(bench.index_lib.ExactIndex):
+    def search(self, queries, k):
+      clock.now += SEARCH_PER_QUERY * len(queries)
+      return super().search(queries, k)
+
+  monkeypatch.setattr(bench, "_Model", Model)
+  monkeypatch.setattr(bench.index_lib, "ExactIndex", Exact)
+  monkeypatch.setattr(paper_costs.time, "perf_counter", clock)
+
+
+def test_bench_rows_are_the_sums_of_their_timed_parts(monkeypatch, tmp_path):
+  clock = _Clock()
+  _fake_bench(monkeypatch, clock)
+  res = bench.run(str(tmp_path), [50, 300], "tiny", k=5, queries=20, ce_max=100, seed=0,
+                  log=lambda *_, **__: None, paper_budget=None)
+  got = {(r["N"], r["method"]): (r["seconds_per_query"], r["measured"]) for r in res["rows"]}
+  # Written out from the costs: CE is measured at 50 and 100 pairs (--ce_max); 300 pairs are
+  # 300 x the per-pair cost of the largest measured run, flagged as extrapolated.
+  be, per_pair = ENCODE + SEARCH_PER_QUERY, (PAIRS_FIXED + 100 * PER_PAIR) / 100
+  want = {}
+  for n in (50, 300):
+    want.update({(n, "BE"): (be, True), (n, "RR"): (be + RERANK, True),
+                 (n, "CE-k"): (RERANK, True)})
+  want[(50, "CE")] = (PAIRS_FIXED + 50 * PER_PAIR, True)
+  want[(300, "CE")] = (300 * per_pair, False)
+  assert set(got) == set(want)
+  for key, (seconds, measured) in want.items():
+    assert got[key] == (pytest.approx(seconds, rel=1e-9), measured), key
+  assert res["encode_seconds"] == pytest.approx(ENCODE)
+  assert res["ce_seconds_per_pair"] == pytest.approx(per_pair)
+  assert res["index_rows"] == []  # no ScaNN below 1000 items
+  # The table's ratios, from the same costs.
+  table = (tmp_path / "bench.md").read_text()
+  rr = be + RERANK
+  assert (f"| 300 | {be:.2e} | {rr:.2e} | {RERANK:.2e} | {300 * per_pair:.2e}* "
+          f"| {rr / RERANK:.2f} | {300 * per_pair / rr:.1f} | 60 |") in table
