@@ -1,6 +1,8 @@
 """rerank.bench end to end on tiny sizes: the JSON holds every row, flags extrapolation, and
 its ScaNN recall is computed against exact search; the paper's Tables 3 and 4 sit beside the
-published figures (content checked, never timings)."""
+published figures (content checked, never timings). The arithmetic that turns timed parts into
+rows and table cells is checked with stand-ins whose costs are known, against sums written out
+here."""
 
 import json
 import os
@@ -188,3 +190,70 @@ def test_bench_rows_are_the_sums_of_their_timed_parts(monkeypatch, tmp_path):
   rr = be + RERANK
   assert (f"| 300 | {be:.2e} | {rr:.2e} | {RERANK:.2e} | {300 * per_pair:.2e}* "
           f"| {rr / RERANK:.2f} | {300 * per_pair / rr:.1f} | 60 |") in table
+
+
+# Per-item costs of the paper tables' work: texts, images and pairs (batched), one query's
+# encoding, a rerank of k pairs, and an exact search per (query, item) score.
+TEXT, IMAGE, PAIR, QUERY, RERANK_K, PER_SCORE = 2e-4, 3e-4, 1e-3, 0.004, 0.03, 1e-9
+
+
+@pytest.mark.parametrize("budget", [0.0, 1e12])
+def test_paper_tables_are_the_sums_of_their_timed_parts(monkeypatch, budget):
+  clock = _Clock()
+
+  class Work:
+    def __init__(self, model, mode, params, vocab, batch, k, seed):
+      del model, mode, params, vocab, batch, k, seed
+
+    def texts(self, n):
+      clock.now += n * TEXT
+
+    def images(self, n):
+      clock.now += n * IMAGE
+
+    def pairs(self, n):
+      clock.now += n * PAIR
+
+    def query(self):
+      clock.now += QUERY
+
+    def rerank(self, ids, scores):
+      clock.now += RERANK_K
+
+  class Exact:
+    def __init__(self, corpus):
+      self.n = len(corpus)
+
+    def search(self, queries, k):
+      clock.now += PER_SCORE * len(queries) * self.n
+      return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), np.float32)
+
+  monkeypatch.setattr(paper_costs, "_Work", Work)
+  monkeypatch.setattr(paper_costs.index_lib, "ExactIndex", Exact)
+  monkeypatch.setattr(paper_costs.time, "perf_counter", clock)
+  model = ml_collections.ConfigDict(dict(cfg=dict(hidden_size=4)))
+  batch, k = 256, 5
+  res = paper_costs.measure(model, "joint_alternate", None, 50, k, batch, budget,
+                            log=lambda *_, **__: None)
+
+  # Written out: a workload over one batch is scaled from one timed batch (ceil(n / batch)
+  # padded batches) unless the budget lets it run in full.
+  def work(n, per_item):
+    full = budget >= per_item * batch * -(-n // batch)
+    return (n * per_item if full else per_item * batch * -(-n // batch)), full
+
+  be3 = QUERY + PER_SCORE * 50_000
+  want3 = {"BE": (be3, True), "RR": (be3 + RERANK_K, True), "CE": work(50_000, PAIR)}
+  texts, images = work(25_000, TEXT), work(5_000, IMAGE)
+  search_both = 2 * PER_SCORE * 25_000 * 5_000
+  be4 = (texts[0] + images[0] + search_both, texts[1] and images[1])
+  rr_pairs = work(30_000 * k, PAIR)
+  want4 = {"BE": be4, "RR": (be4[0] + rr_pairs[0], be4[1] and rr_pairs[1]),
+           "CE": work(25_000 * 5_000, PAIR)}
+  for table, want in (("latency_50k", want3), ("eval_coco5k", want4)):
+    for method, (seconds, measured) in want.items():
+      cell = res[table][method]
+      assert (cell.seconds, cell.measured) == (pytest.approx(seconds, rel=1e-9), measured), (
+          table, method)
+  scaled = [cell.measured for t in ("latency_50k", "eval_coco5k") for cell in res[t].values()]
+  assert scaled == ([True, True, False, False, False, False] if budget == 0 else [True] * 6)
