@@ -110,8 +110,8 @@ def test_mined_negatives_are_harder_than_random_ones(index):
   assert cos(mined) - cos(_random_miner(data, list(mined), 5)) > 0.3
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_ce_batch_negatives_are_the_mined_images(grouped):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_ce_batch_negatives_are_the_mined_images(lazy):
   data = _data(n_img=40, per=2)
   rows = batches.caption_rows(data.num_texts, 16, seed=0, step=3)
   rng = np.random.default_rng(1)
@@ -120,7 +120,7 @@ def test_ce_batch_negatives_are_the_mined_images(grouped):
 
   def negatives(hard_prob):
     b = batches.train_batch(data, ("be", "ce"), 16, 0, 3, mined, hard_prob,
-                            num_be_negatives=2, lazy=grouped)
+                            num_be_negatives=2, lazy=lazy)
     assert b["ce"]["labels"].tolist() == [1] * 16 + [0] * 16
     ce_images = np.asarray(b["ce"]["regions"])[:, 0, 0].astype(int)  # [2B] image row of each pair
     np.testing.assert_array_equal(ce_images[:16], data.caption_image[rows])  # positives
