@@ -382,6 +382,16 @@ def test_safetensors_conversion_needs_no_torch(tmp_path):
   meta = pretrained.read_meta(str(tmp_path / "dst"))
   assert meta["report"]["ignored"] == {"classifier.weight": 1, "classifier.bias": 1}
   _check_oscar(str(tmp_path / "dst"), meta, sd, rng, use_ln=True)
+  # A torch file there is one line saying what to install or convert, not a traceback.
+  shutil.copytree(tmp_path / "src", tmp_path / "bin")
+  os.remove(tmp_path / "bin" / "model.safetensors")
+  (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"never read")
+  proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--family=oscar",
+                         f"--src={tmp_path / 'bin'}", f"--dst={tmp_path / 'dst2'}"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.startswith("error: ") and "needs torch" in proc.stderr
+  assert ".safetensors" in proc.stderr and not os.path.exists(tmp_path / "dst2")
 
 
 def test_uniter_layout_matches_numpy_reference(tmp_path):
