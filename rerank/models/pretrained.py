@@ -28,6 +28,7 @@ import numpy as np
 
 from rerank import errors
 from rerank.models import encoder as encoder_lib
+from rerank.models import pixels
 
 
 class ConvertError(errors.UserError):
@@ -430,11 +431,25 @@ def read_meta(path: str) -> dict:
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConvertError(f"{file}: expected the JSON that python -m rerank.convert writes; found "
                        f"invalid JSON ({e})") from e
+  if isinstance(meta, dict) and meta.get("family") in pixels.FAMILIES:
+    _check_pixel_meta(file, meta)
+    return meta
   if not isinstance(meta, dict) or not isinstance(meta.get("encoder"), dict):
     raise ConvertError(f"{file}: expected an object with an \"encoder\" object (the encoder config); "
                        f"found {json.dumps(meta)[:80]}")
   _check_encoder_fields(file, meta["encoder"])
   return meta
+
+
+def _check_pixel_meta(file: str, meta: dict) -> None:
+  """ConvertError unless a pixel family's model.json has a "model" its Config accepts."""
+  if not isinstance(meta.get("model"), dict):
+    raise ConvertError(f"{file}: expected an object with a \"model\" object (the {meta['family']} "
+                       f"config); found {json.dumps(meta)[:80]}")
+  try:
+    pixels.module(meta["family"]).Config.from_dict(meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ConvertError(f"{file}: model: {e}") from e
 
 
 def _field_ok(kind, value) -> bool:
