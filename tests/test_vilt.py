@@ -16,10 +16,13 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
+from rerank.inference import engine
+from rerank.models import build
 from rerank.models import convert as convert_lib
 from rerank.models import pretrained
 from rerank.models import vilt
@@ -98,7 +101,7 @@ def converted(hf, tmp_path_factory):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "rank_output" in proc.stdout
   meta = json.load(open(os.path.join(dst, "model.json")))
-  return meta, pretrained.load_encoder_params(dst)
+  return meta, pretrained.load_encoder_params(dst), dst
 
 
 def _inputs(seed=0):
@@ -142,12 +145,14 @@ def _gather_ours(ours, positions):
 
 
 def _apply(tree, cfg, method, *args, **kwargs):
-  return jax.tree_util.tree_map(np.asarray, vilt.Model(cfg).apply({"params": tree}, *args, method=method, **kwargs))
+  """vilt.Model(cfg).apply(...) under jit (on a loaded CPU several times faster than op by op)."""
+  fn = jax.jit(lambda t, a, k: vilt.Model(cfg).apply({"params": t}, *a, method=method, **k))
+  return jax.tree_util.tree_map(np.asarray, fn(tree, args, kwargs))
 
 
 def test_text_image_and_joint_hidden_states_match_transformers(hf, converted):
   torch, m = hf["torch"], hf["retrieval"].vilt
-  meta, tree = converted
+  meta, tree, _ = converted
   cfg = vilt.Config.from_dict(meta["model"])
   ids, tmask, images, imask = _inputs()
   t_ids, t_tmask, t_images, t_imask = _torch_inputs(torch, ids, tmask, images, imask)
@@ -192,28 +197,46 @@ def test_text_image_and_joint_hidden_states_match_transformers(hf, converted):
   assert meta["has_ce_head"] and "ce_head/kernel" not in meta["report"]["fresh"]
 
 
+def test_engine_restores_the_converted_checkpoint(hf, converted):
+  """restore() -> Engine on tokenized captions: the CE score is HF's retrieval logit."""
+  torch = hf["torch"]
+  restored = engine.restore(converted[2])
+  assert restored.mode.has_be and restored.mode.has_ce and restored.image == converted[0]["image"]
+  ids, tmask = restored.text_inputs(["a red dog sits on the mat", "the cat"])
+  _, _, images, imask = _inputs(seed=4)
+  eng = restored.engine(batch_size=2)
+  t_ids, t_tmask, t_images, t_imask = _torch_inputs(torch, ids.astype(np.int64), tmask, images, imask)
+  with torch.no_grad():
+    want = hf["retrieval"](input_ids=t_ids, attention_mask=t_tmask, pixel_values=t_images,
+                           pixel_mask=t_imask).logits[:, 0]
+  np.testing.assert_allclose(eng.score_pairs(ids, tmask, images, imask), want.numpy(), atol=1e-4, rtol=0)
+  emb = eng.embed_images(images, imask)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
 def test_bi_encoder_pooling_mean_and_cls(hf, converted):
   """BE embeddings: masked mean over the valid outputs, or the first token's, per Config.pooling."""
-  meta, tree = converted
+  meta, tree, _ = converted
   ids, tmask, images, imask = _inputs(seed=3)
-  for pooling in ("mean", "cls"):
-    cfg = dataclasses.replace(vilt.Config.from_dict(meta["model"]), pooling=pooling)
-    for side, args, kwargs in (("text", (ids.astype(np.int32), tmask), {}),
-                               ("image", (), {"images": images, "image_mask": imask})):
-      hidden, mask = _apply(tree, cfg, vilt.Model.encode, *args, **kwargs)
-      want = (hidden[:, 0] if pooling == "cls" else
-              (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
-      got = _apply(tree, cfg, getattr(vilt.Model, f"embed_{side}"), *args, *kwargs.values())
-      np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"{pooling} {side}")
-  # Padding is invisible: the 32 x 40 image alone on its own 32 x 40 canvas embeds the same.
   cfg = vilt.Config.from_dict(meta["model"])
+  assert cfg.pooling == "mean"
+  text, text_mask = _apply(tree, cfg, vilt.Model.encode, ids.astype(np.int32), tmask)
+  image, image_mask = _apply(tree, cfg, vilt.Model.encode, images=images, image_mask=imask)
+  mean = lambda h, m: (h * m[..., None]).sum(1) / m.sum(1, keepdims=True)  # noqa: E731
+  np.testing.assert_allclose(_apply(tree, cfg, vilt.Model.embed_text, ids.astype(np.int32), tmask),
+                             mean(text, text_mask), atol=1e-5, rtol=0)
+  padded = _apply(tree, cfg, vilt.Model.embed_image, images, imask)
+  np.testing.assert_allclose(padded, mean(image, image_mask), atol=1e-5, rtol=0)
+  cls = dataclasses.replace(cfg, pooling="cls")
+  np.testing.assert_allclose(_apply(tree, cls, vilt.Model.embed_image, images, imask), image[:, 0],
+                             atol=1e-5, rtol=0)
+  # Padding is invisible: the 32 x 40 image alone on its own 32 x 40 canvas embeds the same.
   alone = _apply(tree, cfg, vilt.Model.embed_image, images[1:, :32, :40], imask[1:, :32, :40])
-  padded = _apply(tree, cfg, vilt.Model.embed_image, images, imask)[1:]
-  np.testing.assert_allclose(alone, padded, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(alone, padded[1:], atol=1e-5, rtol=0)
 
 
 def test_converted_directory_has_image_settings_tokenizer_and_canvas(hf, converted):
-  meta, _ = converted
+  meta, _, _ = converted
   assert meta["family"] == "vilt" and meta["key_prefix"] == "vilt."
   assert meta["image"] == {"kind": "vilt", "size": 32, "max_size": 53, "size_divisor": 8,
                            "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "resample": "bicubic",
@@ -280,3 +303,17 @@ def test_config_from_dict_names_the_bad_field():
   with pytest.raises(ValueError, match=r"model\.patch_size: expected an integer >= 1; found 0"):
     vilt.Config.from_dict({"patch_size": 0})
   assert vilt.Config.from_dict(dataclasses.asdict(vilt.Config())) == vilt.Config()
+
+
+def test_init_from_loads_the_whole_tree_and_keeps_runtime_fields(converted):
+  """config.init_from a converted ViLT: sizes from model.json, pooling from config.model."""
+  meta, tree, dst = converted
+  config = ml_collections.ConfigDict({
+      "mode": "joint_sum", "max_text_len": 12, "init_from": dst,
+      "model": {"family": "vilt", "hidden_size": 999, "pooling": "cls", "dtype": "float32"}})
+  model = build.build_model(config, cls_token_id=2, vocab_size=len(VOCAB))
+  assert model.cfg == dataclasses.replace(vilt.Config.from_dict(meta["model"]), pooling="cls")
+  # Shapes only: what with_pretrained_encoder checks (the values are replaced anyway).
+  params = jax.eval_shape(lambda r: build.init_params(model, config, r), jax.random.PRNGKey(0))
+  loaded = build.with_pretrained_encoder(params, tree, config.mode, whole=True)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, tree)
