@@ -210,3 +210,21 @@ def test_cli_one_error_line_then_skip_bad_summary(tmp_path):
   assert ok.returncode == 0, ok.stderr
   summary = json.loads(ok.stdout)
   assert summary["skipped"] == {"bad_image": 1} and summary["splits"]["val"]["images"] == 2
+
+
+def test_splits_without_images(tmp_path):
+  root, items = _release(tmp_path)
+  data_dir = tmp_path / "data"
+  only_test = _json(tmp_path, [items[0]])
+  out = prepare.prepare_karpathy("coco_images", only_test, str(root), str(data_dir))
+  assert list(out["splits"]) == ["test"]  # by default, the splits the file has
+  with pytest.raises(ValueError, match=r"expected images in split\(s\) \['train'\]"):
+    prepare.prepare_karpathy("coco_images", only_test, str(root), str(data_dir), splits=["train"],
+                             overwrite=True)
+  item = _bad_cases(root)["truncated"][0]
+  with pytest.raises(ValueError, match=r"split 'val': every image was skipped .*'bad_image': 1"):
+    prepare.prepare_karpathy("coco_images", _json(tmp_path, [items[0], item]), str(root),
+                             str(data_dir), skip_bad=True, overwrite=True)
+  assert _left_behind(data_dir) == ["coco_images"]  # the first dataset, untouched
+  assert tfds_builders.open_split(str(data_dir), "coco_images", "test")[0]["image"] == (
+      root / "val2014" / "a.jpg").read_bytes()

@@ -113,6 +113,7 @@ def prepare_karpathy(name: str, json_path: str, image_dir: str, data_dir: str, s
                      skip_bad: bool = False, overwrite: bool = False, workers: int = 4) -> dict:
   """Builds a pixel dataset from a Karpathy-split JSON and its image directory; returns the
   summary that the CLI prints. Raises on bad input (nothing is left behind)."""
+  explicit = bool(splits)
   splits = list(splits or karpathy.SPLITS)
   unknown = [s for s in splits if s not in karpathy.SPLITS]
   if unknown:
@@ -121,12 +122,26 @@ def prepare_karpathy(name: str, json_path: str, image_dir: str, data_dir: str, s
   karpathy.check_files(json_path, image_dir)
   problems = common.Problems(skip=skip_bad)
   entries = karpathy.read_entries(json_path, problems)
+  listed = {e.split for e in entries}
+  if not explicit:
+    splits = [s for s in splits if s in listed]  # e.g. a file of test images only
+  empty = [s for s in splits if s not in listed]
+  if empty or not splits:
+    raise ValueError(f"{json_path}: expected images in split(s) {empty or list(karpathy.SPLITS)} "
+                     f"(restval counts as train); found none")
   converted = collections.Counter()
   readers = {s: (lambda s=s: karpathy.read(entries, image_dir, s, problems, converted, workers))
              for s in splits}
-  with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is the summary
-    counts = tfds_builders.build(name, readers, data_dir, "float32", problems, overwrite,
-                                 pixels=True)
+  try:
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints progress; stdout is the summary
+      counts = tfds_builders.build(name, readers, data_dir, "float32", problems, overwrite,
+                                   pixels=True)
+  except AssertionError as e:  # TFDS refuses a split whose every image was skipped
+    split = re.search(r'split "(\w+)"', str(e))
+    if "No examples" not in str(e) or not split:
+      raise
+    raise ValueError(f"{json_path}: split {split.group(1)!r}: every image was skipped "
+                     f"({dict(problems.counts)})") from None
   restval = sum(e.listed_as == "restval" for e in entries)
   return {"dataset": name, "source": "karpathy", "splits": counts,
           "skipped": dict(sorted(problems.counts.items())),
