@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
 
+from rerank.data import images as images_lib
 from rerank.inference import engine
 from rerank.models import build
 from rerank.models import convert as convert_lib
@@ -246,11 +247,10 @@ def test_converted_directory_has_image_settings_tokenizer_and_canvas(hf, convert
   assert meta["cls_token_id"] == VOCAB.index("[CLS]") and meta["pad_token_id"] == 0
   images, mask = vilt.example_images(cfg, 3)
   assert images.shape == (3, 48, 48, 3) and mask.shape == (3, 48, 48) and bool(mask.all())
-  try:
-    from rerank.data import images as images_lib  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return  # rerank.data.images lands with the image input; then its spec must read ours
-  spec = images_lib.ImageSpec.from_dict(meta["image"])
+  # The data layer reads it as the same spec it derives from preprocessor_config.json itself.
+  with open(os.path.join(hf["retrieval_dir"], "preprocessor_config.json")) as f:
+    spec = images_lib.ImageSpec.from_hf(json.load(f), "vilt")
+  assert images_lib.ImageSpec.from_dict(meta["image"]) == spec
   assert spec.canvas == (cfg.max_image_height, cfg.max_image_width)
 
 

@@ -4,7 +4,8 @@
 weights through the family's key layout (`families`), checks every key and shape
 (`pretrained.build_params`) and writes a converted checkpoint directory
 (`pretrained.write_converted`: model.json, params/, tokenizer/). `python -m rerank.convert` is
-its command line.
+its command line. Pixel families (`PIXEL_FAMILIES`) have their own converter module,
+`rerank/models/<family>_convert.py`, which `convert` hands them to.
 """
 
 import contextlib
