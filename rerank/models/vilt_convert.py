@@ -210,7 +210,7 @@ def image_settings(src_dir: str) -> tuple:
   mean = _triple(c.get("image_mean", 0.5) if normalise else 0.0, "image_mean", where)
   std = _triple(c.get("image_std", 0.5) if normalise else 1.0, "image_std", where)
   resample = c.get("resample", 3)
-  resample = _RESAMPLE.get(resample, resample)
+  resample = _RESAMPLE.get(resample, resample) if isinstance(resample, int) else resample
   if resample not in _RESAMPLE.values():
     raise pretrained.ConvertError(f"{where}: resample: expected a Pillow filter code 0-5; found "
                                   f"{json.dumps(resample)[:80]}")
