@@ -13,8 +13,13 @@ import json
 import os
 import time
 
+from rerank.models import blip_convert
 from rerank.models import families
 from rerank.models import pretrained
+
+# Pixel families convert through their own module (their layout, heads and image settings).
+PIXEL_CONVERTERS = {"blip": blip_convert.convert}
+ALL_FAMILIES = families.FAMILIES + tuple(PIXEL_CONVERTERS)
 
 
 def _vocab_is_cased(vocab: dict) -> bool:
@@ -88,9 +93,12 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
             lower_case: str = "auto", seed: int = 0, model_config: str | None = None,
             log=print) -> dict:
   """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
+  if family in PIXEL_CONVERTERS:
+    return PIXEL_CONVERTERS[family](src, dst, tokenizer_dir, lower_case, seed, model_config, log,
+                                    load_tokenizer=load_hf_tokenizer)
   if family not in families.FAMILIES:
     raise pretrained.ConvertError(
-        f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
+        f"--family: expected one of {', '.join(ALL_FAMILIES)}; found {family!r}")
   pretrained.check_destination(dst)
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))

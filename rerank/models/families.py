@@ -244,6 +244,8 @@ def guess_family(state: dict) -> str | None:
     return "uniter"
   if has("img_embedding.weight"):
     return "oscar"
+  if has("vision_model.encoder.layers.0.self_attn.qkv.weight"):  # before bert: BLIP's text tower is BERT
+    return "blip"
   if has("encoder.layer.0.attention.self.query.weight"):
     return "bert"
   return None
