@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -233,3 +234,46 @@ def test_config_from_dict_names_the_bad_field():
       blip.Config.from_dict({**dataclasses.asdict(cfg), **change})
   images, mask = blip.example_images(cfg, 2)
   assert images.shape == (2, 32, 32, 3) and mask.shape == (2, 32, 32) and bool(mask.all())
+
+
+def test_trainer_losses_reach_the_shared_weights():
+  """The trainer's BE loss (ITC) and CE loss (ITM) run on BLIP as on any model: the BE loss
+  trains the text self-attention but leaves the cross-attention alone; the CE loss trains both."""
+  from rerank.training import steps  # pylint: disable=import-outside-toplevel
+  cfg = blip.Config(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                    max_position_embeddings=8, vision_hidden_size=16, vision_num_layers=1,
+                    vision_num_heads=2, vision_mlp_dim=32, image_size=16, patch_size=8,
+                    image_text_hidden_size=8)
+  model = blip.Model(cfg)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 20, (4, 6)).astype(np.int32)
+  images = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
+  batch = dict(token_ids=ids, text_mask=np.ones((4, 6), bool), regions=images,
+               region_mask=np.ones((4, 16, 16), bool), image_ids=np.arange(4), labels=np.array([1, 0, 1, 0]))
+  config = ml_collections.ConfigDict(dict(loss=dict(be="infonce", temperature=0.05, margin=0.1)))
+  key = jax.random.PRNGKey(1)
+
+  @jax.jit  # one compilation for the init and both gradients
+  def grads(r):
+    params = nn.unbox(model.init(r, *(batch[k] for k in ("token_ids", "text_mask", "regions",
+                                                         "region_mask")))["params"])
+    return (jax.grad(lambda p: steps.be_loss(model, config, p, batch, key)[0])(params),
+            jax.grad(lambda p: steps.ce_loss(model, p, batch, key)[0])(params))
+  be, ce = grads(jax.random.PRNGKey(0))
+  norm = lambda t: float(sum(np.abs(x).sum() for x in jax.tree_util.tree_leaves(t)))  # noqa: E731
+  layer = lambda g: g["text"]["layer_0"]  # noqa: E731
+  assert norm(layer(be)["attention"]) > 0 and norm(layer(be)["crossattention"]) == 0
+  assert norm(be["itm_head"]) == 0 and norm(be["vision_proj"]) > 0 and norm(be["text_proj"]) > 0
+  assert norm(layer(ce)["attention"]) > 0 and norm(layer(ce)["crossattention"]) > 0
+  assert norm(ce["itm_head"]) > 0 and norm(ce["vision"]) > 0 and norm(ce["text_proj"]) == 0
+
+
+def test_blips_itm_plus_itc_sum_is_the_combination_fusion_at_half_weight():
+  """BLIP ranks its top k by ITM match logit + ITC cosine; `combination` with w = 0.5 is half
+  that sum, so it orders every query's candidates the same way."""
+  from rerank.indexing import ranking  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  ce, be = rng.standard_normal((50, 20)) * 3, rng.uniform(-1, 1, (50, 20))
+  fused = ranking.fuse(ce, be, "combination", 0.5)
+  np.testing.assert_allclose(fused, (ce + be) / 2)
+  np.testing.assert_array_equal(np.argsort(-fused, 1), np.argsort(-(ce + be), 1))

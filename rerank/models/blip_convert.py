@@ -15,9 +15,9 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 from rerank.models import blip
@@ -40,6 +40,7 @@ _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_laye
 # Checkpoint keys we read nothing from: the text position-id buffer older dumps carry, and a
 # text pooler (BlipForImageTextRetrieval builds its text encoder without one).
 _IGNORED = ("text_encoder.embeddings.position_ids", "text_encoder.pooler.")
+_ACTIVATIONS = families._ACTIVATIONS  # pylint: disable=protected-access  (HF name -> ours, as BERT)
 
 
 def model_config(config: dict, source: str) -> blip.Config:
@@ -56,13 +57,12 @@ def model_config(config: dict, source: str) -> blip.Config:
   fields = {}
   for tower, prefix, c in (("text_config", "", t), ("vision_config", "vision_", v)):
     act = c["hidden_act"]
-    if act not in families._ACTIVATIONS:  # pylint: disable=protected-access
-      raise ConvertError(f"{source}: {tower}.hidden_act: expected one of {sorted(families._ACTIVATIONS)}; "  # pylint: disable=protected-access
-                         f"found {act!r}")
+    if act not in _ACTIVATIONS:
+      raise ConvertError(f"{source}: {tower}.hidden_act: expected one of {sorted(_ACTIVATIONS)}; found {act!r}")
     fields.update({prefix + "hidden_size": c["hidden_size"], prefix + "num_layers": c["num_hidden_layers"],
                    prefix + "num_heads": c["num_attention_heads"], prefix + "mlp_dim": c["intermediate_size"],
                    prefix + "layer_norm_eps": c["layer_norm_eps"],
-                   prefix + "hidden_act": families._ACTIVATIONS[act]})  # pylint: disable=protected-access
+                   prefix + "hidden_act": _ACTIVATIONS[act]})
   for name in ("image_size", "patch_size"):
     value = v[name]
     if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
@@ -87,7 +87,8 @@ def expected_shapes(cfg: blip.Config) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 def _linear(path, key, n_in=1):
-  return [Entry(path + ("kernel",), key + ".weight", "weight", n_in), Entry(path + ("bias",), key + ".bias", "bias")]
+  return [Entry(path + ("kernel",), key + ".weight", "weight", n_in),
+          Entry(path + ("bias",), key + ".bias", "bias")]
 
 
 def _norm(path, key):
@@ -122,7 +123,8 @@ def entries(cfg: blip.Config) -> list[Entry]:
       out += _linear(p + (block, "output"), k + f"{block}.output.dense", n_in=2)
       out += _norm(p + (block, "norm"), k + f"{block}.output.LayerNorm")
     out += (_linear(p + ("intermediate",), k + "intermediate.dense")
-            + _linear(p + ("mlp_output",), k + "output.dense") + _norm(p + ("output_norm",), k + "output.LayerNorm"))
+            + _linear(p + ("mlp_output",), k + "output.dense")
+            + _norm(p + ("output_norm",), k + "output.LayerNorm"))
   for head in ("vision_proj", "text_proj", "itm_head"):
     out += _linear((head,), head)
   return out
@@ -193,7 +195,8 @@ def _hint(error: ConvertError, state: dict) -> ConvertError:
   guess = families.guess_family(state)
   if not guess or guess == FAMILY:
     return error
-  return ConvertError(f"{str(error).rstrip('.')}. The keys look like a {guess!r} checkpoint: try --family={guess}.")
+  return ConvertError(f"{str(error).rstrip('.')}. The keys look like a {guess!r} checkpoint: "
+                      f"try --family={guess}.")
 
 
 def convert(src: str, dst: str, tokenizer_dir: str | None = None, lower_case: str = "auto",
