@@ -199,6 +199,11 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(hf, tmp_path):
   assert "1 mis-shaped key(s): vision_model.encoder.layers.0.mlp.fc1.weight: checkpoint (80, 48), " \
          "config implies (96, 48)" in msg
   assert "--family" not in msg  # still BLIP's keys: no other family to suggest
+  config = json.loads((bad / "config.json").read_text())
+  (bad / "config.json").write_text(json.dumps({**config, "architectures": ["BlipForConditionalGeneration"]}))
+  with pytest.raises(pretrained.ConvertError, match=r"names BlipForConditionalGeneration; --family=blip "
+                     r"converts BlipForImageTextRetrieval checkpoints"):
+    convert_lib.convert("blip", str(bad), str(dst), **quiet)
   assert not dst.exists() and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
 
 

@@ -26,6 +26,7 @@ from rerank.models import pretrained
 from rerank.models.pretrained import ConvertError, Entry
 
 FAMILY = "blip"
+RETRIEVAL = "BlipForImageTextRetrieval"  # the transformers class whose checkpoints we convert
 # BlipImageProcessor's defaults (OpenAI CLIP statistics, bicubic), for a directory without
 # preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -190,13 +191,18 @@ def image_settings(src_dir: str, cfg: blip.Config) -> tuple[dict, str]:
   return spec, f"from {path}"
 
 
-def _hint(error: ConvertError, state: dict) -> ConvertError:
-  """The error, plus "try --family=X" when the keys look like another family's."""
+def _hint(error: ConvertError, state: dict, config: dict) -> ConvertError:
+  """The error, plus "try --family=X" when the keys look like another family's, or the
+  architecture config.json names when it is another BLIP head (captioning, VQA, BlipModel)."""
   guess = families.guess_family(state)
-  if not guess or guess == FAMILY:
-    return error
-  return ConvertError(f"{str(error).rstrip('.')}. The keys look like a {guess!r} checkpoint: "
-                      f"try --family={guess}.")
+  message = str(error).rstrip(".")
+  if guess and guess != FAMILY:
+    return ConvertError(f"{message}. The keys look like a {guess!r} checkpoint: try --family={guess}.")
+  names = config.get("architectures") or []
+  if guess == FAMILY and isinstance(names, list) and names and RETRIEVAL not in names:
+    return ConvertError(f"{message}. config.json names {', '.join(map(str, names))}; --family=blip converts "
+                        f"{RETRIEVAL} checkpoints (e.g. Salesforce/blip-itm-base-coco).")
+  return error
 
 
 def convert(src: str, dst: str, tokenizer_dir: str | None = None, lower_case: str = "auto",
@@ -227,7 +233,7 @@ def convert(src: str, dst: str, tokenizer_dir: str | None = None, lower_case: st
     params, report = pretrained.build_params(cfg, state, entries(cfg), ignored=_IGNORED, source=weights,
                                              seed=seed, shapes=expected_shapes(cfg))
   except ConvertError as e:
-    raise _hint(e, state) from e
+    raise _hint(e, state, config) from e
   del state
   tokenizer, tok_note = load_tokenizer(FAMILY, config.get("text_config", {}), tokenizer_dir or src_dir, lower_case)
   if len(tokenizer) > cfg.vocab_size:
