@@ -22,6 +22,7 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from rerank.data import datasets
+from rerank.data import images as images_lib
 from rerank.inference import engine
 from rerank.models import blip
 from rerank.models import build
@@ -282,3 +283,28 @@ def test_blips_itm_plus_itc_sum_is_the_combination_fusion_at_half_weight():
   fused = ranking.fuse(ce, be, "combination", 0.5)
   np.testing.assert_allclose(fused, (ce + be) / 2)
   np.testing.assert_array_equal(np.argsort(-fused, 1), np.argsort(-(ce + be), 1))
+
+
+def test_photos_through_our_preprocessing_score_as_in_transformers(hf):
+  """JPEG-like photos end to end: model.json's image settings are those transformers reads from
+  preprocessor_config.json, and our preprocessing + model give HF processor + model's ITM logits."""
+  torch = require("torch")
+  transformers = require("transformers")
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  hf_model, tok, st_dir, _, dst = hf
+  meta = pretrained.read_meta(dst)
+  spec = images_lib.ImageSpec.from_dict(meta["image"])
+  with open(os.path.join(st_dir, "preprocessor_config.json")) as f:
+    assert spec == images_lib.ImageSpec.from_hf(json.load(f), "blip")
+  rng = np.random.default_rng(1)
+  photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 56), (33, 20))]
+  pixels, pixel_mask = images_lib.preprocess(photos, spec)  # [2, 32, 32, 3], [2, 32, 32]
+  ids, mask, _ = _inputs(tok)
+  ids, mask = ids[:2], mask[:2]
+  processor = transformers.BlipImageProcessorPil(size={"height": 32, "width": 32})
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      pixel_values=torch.tensor(processor(photos, return_tensors="np")["pixel_values"])).itm_score
+  model, variables, _ = _converted(dst)
+  ours = model.apply(variables, ids, mask.astype(bool), pixels, pixel_mask, method=model.score_pairs)
+  np.testing.assert_allclose(ours, theirs.numpy(), atol=TOL)
