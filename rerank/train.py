@@ -34,6 +34,7 @@ from rerank.inference import engine
 from rerank.inference import sharded
 from rerank.models import build
 from rerank.models import modes
+from rerank.models import pixels
 from rerank.models import pretrained
 from rerank.training import checkpoints
 from rerank.training import distributed
@@ -134,10 +135,12 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
     start = ckpts.prepare_resume(log, remove_unfinished=is_main)
     if config.get("init_from") and not start:
       encoder = pretrained.load_encoder_params(config.init_from)
-      params = _or_config_error(build.with_pretrained_encoder, state["params"], encoder, mode)
+      whole = pixels.is_pixel(config)  # a converted pixel checkpoint holds its heads too
+      params = _or_config_error(build.with_pretrained_encoder, state["params"], encoder, mode, whole)
       state["params"] = jax.device_put(params, layout.state["params"])
-      log(f"init_from {config.init_from}: encoder loaded "
-          f"({pretrained.read_meta(config.init_from)['family']}); ce_head freshly initialised")
+      log(f"init_from {config.init_from}: " + (
+          "model loaded, heads included" if whole else "encoder loaded; ce_head freshly initialised")
+          + f" ({pretrained.read_meta(config.init_from)['family']})")
     if start:
       state = _restore(ckpts, state, workdir, start)
       log(f"resumed from {workdir}/checkpoints at step {start}")

@@ -39,6 +39,7 @@ from rerank.models import build
 from rerank.models import encoder as encoder_lib
 from rerank.models import heads
 from rerank.models import modes
+from rerank.models import pixels
 from rerank.models import pretrained
 from rerank.training import checkpoints
 from rerank.training import sharding
@@ -76,6 +77,8 @@ class Restored:
   max_text_len: int  # tokens per text incl. specials
   max_regions: int  # regions per image
   mesh: Any = None  # the mesh `params` are laid out on (`restore_workdir(mesh=...)`), else None
+  # A pixel family's preprocessing (`rerank.data.images.ImageSpec` as a dict); None for regions.
+  image: dict | None = None
 
   @property
   def encoder_config(self) -> encoder_lib.EncoderConfig:
@@ -154,12 +157,19 @@ def restore_workdir(workdir: str, latest: bool = False, config=None, mesh=None) 
   if params is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in checkpoints/ or best/; train first")
   return Restored(model, params, modes.get(config.mode), tokenizer, config, which, workdir,
-                  config.max_text_len, config.max_regions, mesh)
+                  config.max_text_len, config.max_regions, mesh,
+                  image=config.image.to_dict() if pixels.is_pixel(config) else None)
 
 
 def restore_converted(path: str, max_text_len: int | None = None, max_regions: int = 50) -> Restored:
-  """A converted checkpoint's encoder (`python -m rerank.convert` / `rerank.export`) as a BE."""
+  """A converted checkpoint's encoder (`python -m rerank.convert` / `rerank.export`) as a BE.
+
+  A pixel family's checkpoint holds its heads too: with a match head (BLIP's ITM, ViLT's
+  retrieval head) it is a BE and a CE on one tree, as a joint model.
+  """
   meta = pretrained.read_meta(path)
+  if meta.get("family") in pixels.FAMILIES:
+    return _restore_pixel(path, meta, max_text_len)
   cfg = pretrained.encoder_config(meta)
   model = heads.RetrievalModel(cfg, cls_token_id=meta["cls_token_id"])
   params = {"encoder": jax.tree_util.tree_map(jnp.asarray, pretrained.load_encoder_params(path))}
@@ -171,6 +181,17 @@ def restore_converted(path: str, max_text_len: int | None = None, max_regions: i
   return Restored(model, params, modes.get("be"), datasets.load_tokenizer(path), None,
                   f"converted {meta['family']} checkpoint", os.path.abspath(path), text_len,
                   regions)
+
+
+def _restore_pixel(path: str, meta: dict, max_text_len: int | None) -> Restored:
+  lib = pixels.module(meta["family"])
+  cfg = lib.Config.from_dict(meta["model"])
+  params = jax.tree_util.tree_map(jnp.asarray, pretrained.load_encoder_params(path))
+  mode = modes.get("joint_sum" if meta.get("has_ce_head") else "be")
+  text_len = min(max_text_len or 40, cfg.max_position_embeddings)
+  return Restored(lib.Model(cfg), params, mode, datasets.load_tokenizer(path), None,
+                  f"converted {meta['family']} checkpoint", os.path.abspath(path), text_len, 0,
+                  image=meta.get("image"))
 
 
 def restore(path: str, latest: bool = False, max_text_len: int | None = None,
@@ -208,6 +229,11 @@ def pair_logits(model, params, token_ids, text_mask, regions, region_mask):
   """Pairs (text i, image i) -> [B, 2] CE logits; column 1 is the match score."""
   return model.apply({"params": params}, token_ids, text_mask, regions, region_mask,
                      method=model.score_pairs)
+
+
+def embed_dim(model) -> int:
+  """Width of the model's BE embeddings (BLIP projects them; region families do not)."""
+  return getattr(model.cfg, "embed_dim", model.cfg.hidden_size)
 
 
 def trim_text(token_ids: np.ndarray, text_mask: np.ndarray, multiple: int = TEXT_BUCKET):
@@ -285,7 +311,7 @@ class Engine:
       bar.update(size)
     bar.close()
     if not out:
-      return np.zeros((0, self.model.cfg.hidden_size) if part == "BE" else (0,), np.float32)
+      return np.zeros((0, embed_dim(self.model)) if part == "BE" else (0,), np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
 
 

@@ -76,7 +76,7 @@ class Retriever:
           f"{index_dir}/index.json: identity: expected the checkpoint, dataset and split that "
           f"python -m rerank.index records; found no {', '.join(absent)}")
     restored = engine_lib.restore_workdir(checkpoint_dir or identity.get("checkpoint", ""))
-    dim = restored.encoder_config.hidden_size
+    dim = engine_lib.embed_dim(restored.model)
     idx, meta, arrays = index_lib.load(index_dir, expect={"fingerprint": restored.fingerprint, "dim": dim})
     config = restored.config
     config.dataset.name = identity["dataset"]

@@ -145,7 +145,7 @@ class ShardedEngine(engine.Engine):
     bar.close()
     self.last_counts = [shares.get(p, (0, 0))[1] - shares.get(p, (0, 0))[0]
                         for p in range(jax.process_count())]
-    width = self.model.cfg.hidden_size if part == "BE" else None
+    width = engine.embed_dim(self.model) if part == "BE" else None
     local = _concat(local, mine[1] - mine[0], width)
     return _gather(local, shares, n, width)
 

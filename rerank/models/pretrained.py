@@ -28,6 +28,7 @@ import numpy as np
 
 from rerank import errors
 from rerank.models import encoder as encoder_lib
+from rerank.models import pixels
 
 
 class ConvertError(errors.UserError):
@@ -295,7 +296,7 @@ def _fresh(path: tuple[str, ...], shape, rng: np.random.Generator) -> np.ndarray
 
 
 def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored=(), fresh=(),
-                 source: str = "checkpoint", seed: int = 0):
+                 source: str = "checkpoint", seed: int = 0, shapes: dict | None = None):
   """Checks `state` against `entries` and returns (encoder param tree, report).
 
   Args:
@@ -307,10 +308,12 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
     ignored: key prefixes of heads we do not use (reported, not an error).
     fresh: our path prefixes that are new by design for this family (e.g. BERT's region
       embedding), freshly initialised and reported.
+    shapes: our parameter path -> shape; default: the region encoder's for `cfg` (a pixel
+      family passes its whole model's).
   Raises:
     ConvertError listing every missing, unexpected, mis-shaped and non-finite (NaN/inf) key.
   """
-  shapes = expected_shapes(cfg)
+  shapes = expected_shapes(cfg) if shapes is None else shapes
   by_path = {e.path: e for e in entries}
   missing, mismatched, nonfinite, report_fresh = [], [], [], []
   for e in entries:
@@ -430,11 +433,25 @@ def read_meta(path: str) -> dict:
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConvertError(f"{file}: expected the JSON that python -m rerank.convert writes; found "
                        f"invalid JSON ({e})") from e
+  if isinstance(meta, dict) and meta.get("family") in pixels.FAMILIES:
+    _check_pixel_meta(file, meta)
+    return meta
   if not isinstance(meta, dict) or not isinstance(meta.get("encoder"), dict):
     raise ConvertError(f"{file}: expected an object with an \"encoder\" object (the encoder config); "
                        f"found {json.dumps(meta)[:80]}")
   _check_encoder_fields(file, meta["encoder"])
   return meta
+
+
+def _check_pixel_meta(file: str, meta: dict) -> None:
+  """ConvertError unless a pixel family's model.json has a "model" its Config accepts."""
+  if not isinstance(meta.get("model"), dict):
+    raise ConvertError(f"{file}: expected an object with a \"model\" object (the {meta['family']} "
+                       f"config); found {json.dumps(meta)[:80]}")
+  try:
+    pixels.module(meta["family"]).Config.from_dict(meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ConvertError(f"{file}: model: {e}") from e
 
 
 def _field_ok(kind, value) -> bool:

@@ -255,7 +255,7 @@ def abstract_train_state(model, config, tx, make_state: Callable[[], dict]) -> d
   Adam's mu and nu.
   """
   state = jax.eval_shape(make_state)
-  one = lambda r: model.init(r, *build.dummy_inputs(config))["params"]  # noqa: E731
+  one = lambda r: model.init(r, *build.dummy_inputs(config, model=model))["params"]  # noqa: E731
   params = jax.eval_shape(one, jax.random.PRNGKey(0))
   trees = modes.get(config.mode).param_trees
   if trees:
