@@ -247,4 +247,4 @@ class Retriever:
       return tok, mask, states.reshape((b, k) + states.shape[1:]), np.zeros((b, k, 0), bool)
     regions, region_mask = self.corpus.region_features(cand.reshape(-1))
     return (tok, mask, regions.reshape((b, k) + regions.shape[1:]),
-            region_mask.reshape(b, k, -1))
+            region_mask.reshape((b, k) + region_mask.shape[1:]))
