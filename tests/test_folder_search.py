@@ -28,6 +28,7 @@ from rerank.data import datasets
 from rerank.data import image_folder
 from rerank.data import images as images_lib
 from rerank.data import synthetic_scenes
+from rerank.evaluation import pixel_costs
 from rerank.inference import retriever
 from rerank.models import pretrained
 from rerank.models import pixels
@@ -303,3 +304,17 @@ def test_blip_cached_states_rerank_as_recomputing(blip, photos, tmp_path):
   np.testing.assert_array_equal([[h["ce_score"] for h in q] for q in again], ce_a)
   with pytest.raises(errors.UserError, match="readable when the index was built"):
     fresh.search(captions, k=len(PHOTOS), rerank=True)
+
+
+def test_pixel_bench_times_ce_k_with_and_without_the_cache():
+  rows = pixel_costs.measure(("blip", "vilt"), "tiny", k=3, log=_quiet)
+  blip_row, vilt_row = rows
+  for r in rows:
+    assert r["ce_k_pixels"] > 0 and r["ce_k_files"] > 0 and r["index_seconds_per_image"] > 0
+  assert "ce_k_cached" not in vilt_row  # ViLT: nothing to cache
+  assert blip_row["ce_k_cached"] > 0
+  assert blip_row["cache_bytes_per_image"] == ((64 // 16) ** 2 + 1) * 64 * 2  # [P+1, Dv] float16
+  assert blip_row["cache_max_abs_diff_float32"] < 1e-5
+  assert blip_row["cache_max_abs_diff_float16"] < 1e-2
+  table = pixel_costs.markdown(rows)
+  assert "| blip | tiny |" in table and "nothing to cache" in table

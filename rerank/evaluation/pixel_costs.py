@@ -17,7 +17,7 @@ Also the cache's bytes per image, and how far its reranking scores are from reco
 (float32 states: rounding only; float16: the storage's precision).
 
 Weights, token ids and pixels are random: the cost of a dense forward pass does not depend on
-them. Sizes: "small" (6 layers of 384 on 224-pixel images; quick on a CPU) or "base" (BLIP
+them. Sizes: "tiny" (2 layers of 64 on 64-pixel images: the tests), "small" (6 layers of 384 on 224-pixel images; quick on a CPU) or "base" (BLIP
 ViT-B/16 at 384 with a BERT-base text side; ViLT-B/32 on its 608 x 608 canvas).
 """
 
@@ -37,25 +37,31 @@ from rerank.inference import reranker as rerank_lib
 from rerank.models import pixels
 
 FAMILIES = ("blip", "vilt")
-SIZES = ("small", "base")
+SIZES = ("tiny", "small", "base")
 TEXT_LEN = 24  # query tokens incl. specials: a caption of about twenty words
 VOCAB = 30522  # BERT's: both families' tokenizers
 PHOTO_SIZE = (640, 480)  # width, height of the JPEGs read back by `CE-k files`
 
 _MODELS = {  # family -> size -> Config fields (vocab_size added)
     "blip": {
+        "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, mlp_dim=128, vision_hidden_size=64,
+                     vision_num_layers=2, vision_num_heads=2, vision_mlp_dim=128, image_size=64,
+                     patch_size=16, image_text_hidden_size=32),
         "small": dict(hidden_size=384, num_layers=6, num_heads=6, mlp_dim=1536,
                       vision_hidden_size=384, vision_num_layers=6, vision_num_heads=6,
                       vision_mlp_dim=1536, image_size=224, patch_size=16),
         "base": dict(image_size=384, patch_size=16),  # the Config's defaults: BLIP base
     },
     "vilt": {
+        "tiny": dict(hidden_size=64, num_layers=2, num_heads=2, mlp_dim=128, image_size=64,
+                     patch_size=32, max_image_height=96, max_image_width=96),
         "small": dict(hidden_size=384, num_layers=6, num_heads=6, mlp_dim=1536, image_size=224,
                       patch_size=32, max_image_height=352, max_image_width=352),
         "base": dict(),  # ViLT-B/32, canvas 608 x 608 for 384-pixel shorter sides
     },
 }
 _SPECS = {
+    ("blip", "tiny"): dict(kind="blip", size=64), ("vilt", "tiny"): dict(kind="vilt", size=64),
     ("blip", "small"): dict(kind="blip", size=224), ("blip", "base"): dict(kind="blip", size=384),
     ("vilt", "small"): dict(kind="vilt", size=224), ("vilt", "base"): dict(kind="vilt", size=384),
 }
