@@ -4,17 +4,23 @@
 weights through the family's key layout (`families`), checks every key and shape
 (`pretrained.build_params`) and writes a converted checkpoint directory
 (`pretrained.write_converted`: model.json, params/, tokenizer/). `python -m rerank.convert` is
-its command line.
+its command line. Pixel families (`PIXEL_FAMILIES`) have their own converter module,
+`rerank/models/<family>_convert.py`, which `convert` hands them to.
 """
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import time
 
 from rerank.models import families
 from rerank.models import pretrained
+
+# Pixel families convert in their own module, rerank/models/<family>_convert.py.
+PIXEL_FAMILIES = ("vilt",)
+ALL_FAMILIES = families.FAMILIES + PIXEL_FAMILIES
 
 
 def _vocab_is_cased(vocab: dict) -> bool:
@@ -88,15 +94,17 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
             lower_case: str = "auto", seed: int = 0, model_config: str | None = None,
             log=print) -> dict:
   """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
-  if family not in families.FAMILIES:
+  if family not in ALL_FAMILIES:
     raise pretrained.ConvertError(
-        f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
+        f"--family: expected one of {', '.join(ALL_FAMILIES)}; found {family!r}")
+  if family in PIXEL_FAMILIES:
+    return importlib.import_module(f"rerank.models.{family}_convert").convert(
+        src, dst, tokenizer_dir, lower_case, seed, model_config, log)
   pretrained.check_destination(dst)
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   files = pretrained.find_weights(src)
   weights = files[0] if len(files) == 1 else f"{src_dir} ({len(files)} shards)"
-  config, config_path = families.read_config(src_dir, family, model_config)
   state = {}
   for path in files:
     state.update(pretrained.read_state_dict(path))
@@ -104,7 +112,9 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
   guess = families.guess_family(state)
   # The layout is checked before the tokenizer is loaded: a checkpoint of another family then
   # fails with the family hint, not with whatever that family's tokenizer loader says.
+  # The config too: another family's config.json may not pass this family's checks.
   with _family_hint(family, guess):
+    config, config_path = families.read_config(src_dir, family, model_config)
     state, spec, prefix = families.SPECS[family](config, state, config_path)
   tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
   with _family_hint(family, guess):

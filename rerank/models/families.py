@@ -238,6 +238,8 @@ def guess_family(state: dict) -> str | None:
   """The family whose signature keys `state` has, for a hint when --family looks wrong."""
   keys = set(state)
   has = lambda suffix: any(k.endswith(suffix) for k in keys)  # noqa: E731
+  if has("embeddings.patch_embeddings.projection.weight") and has("embeddings.text_embeddings.word_embeddings.weight"):
+    return "vilt"  # transformers' ViltModel (pixel family: rerank.models.vilt_convert)
   if "attentions.0.q_lin.weight" in keys or has(".attentions.0.q_lin.weight"):
     return "m3p"
   if has("img_embeddings.img_linear.weight"):
