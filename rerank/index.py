@@ -52,7 +52,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_string("checkpoint", None, "Training workdir whose bi-encoder embeds the corpus.")
+  flags.DEFINE_string("checkpoint", None, "Training workdir whose bi-encoder embeds the corpus "
+                      "(with --images also a converted vilt or blip checkpoint).")
   flags.DEFINE_string("dataset", None, "Dataset name (default: the checkpoint config's).")
   flags.DEFINE_string("split", "test", "Split whose images form the corpus.")
   flags.DEFINE_integer("num_images", 0, "Use only the first N images of the split (0 = all).")
@@ -203,7 +204,8 @@ def build_folder_index(checkpoint: str, images: str, out: str, backend: str | No
     if bad:
       log(f"skipped {len(bad)} unreadable file(s) of {len(files)}: {_skipped_summary(bad)}; "
           f"all listed in {os.path.join(out, 'skipped.tsv')}")
-    idx = indexes.build(emb, backend or "auto")
+    cfg = restored.config.get("index") if restored.config is not None else None
+    idx = indexes.build(emb, backend or (cfg.backend if cfg is not None else "auto"), cfg)
     identity = {"checkpoint": restored.path, "which": restored.description,
                 "fingerprint": restored.fingerprint, "dim": int(emb.shape[1]),
                 "images": os.path.abspath(images), "num_files": len(files), "skipped": len(bad),
