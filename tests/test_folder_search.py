@@ -286,11 +286,13 @@ def test_blip_cached_states_rerank_as_recomputing(blip, photos, tmp_path):
   idx_emb = np.load(os.path.join(out, "embeddings.npy"))
   np.testing.assert_allclose(idx_emb, fresh.encode_images(np.arange(len(PHOTOS))), atol=1e-5)
 
-  # float16 states: half the bytes, scores within the storage's precision.
-  out16 = str(tmp_path / "idx16")
-  index_cli.build_folder_index(blip, mine, out16, cache_dtype="float16", log=_quiet)
-  assert np.load(os.path.join(out16, "image_states.npy")).dtype == np.float16
-  half = retriever.Retriever.load(out16).search(captions, k=len(PHOTOS), rerank=True)
+  # float16 states: half the bytes, scores within the storage's precision. The rebuild
+  # replaces the index only with overwrite.
+  with pytest.raises(errors.UserError, match="an index already; pass --overwrite"):
+    index_cli.build_folder_index(blip, mine, out, cache_dtype="float16", log=_quiet)
+  index_cli.build_folder_index(blip, mine, out, cache_dtype="float16", overwrite=True, log=_quiet)
+  assert np.load(os.path.join(out, "image_states.npy")).dtype == np.float16
+  half = retriever.Retriever.load(out).search(captions, k=len(PHOTOS), rerank=True)
   by_file = lambda q: {h["file"]: h["ce_score"] for h in q}  # noqa: E731
   for q16, q32 in zip(half, a):
     s16, s32 = by_file(q16), by_file(q32)
