@@ -144,7 +144,7 @@ class Retriever:
           f"{index_dir}/image_states.npy: expected [{idx.size}, P+1, Dv] image states of a model "
           f"that reranks from them; found {list(states.shape)} for {restored.description}")
     spec = images_lib.ImageSpec.from_dict(restored.image, where=f"{restored.path}: image")
-    root = images_dir or identity["images"]
+    root = os.path.abspath(images_dir or identity["images"])
     if not os.path.isdir(root):
       raise errors.expected(f"{'images_dir' if images_dir else meta_file + ': images'} {root!r}",
                             "the folder of photos the index was built from (moved? pass its "
