@@ -226,6 +226,16 @@ def test_search_returns_the_captioned_file(vilt_index, photos):
   assert all(row == sorted(row, reverse=True) for row in ce)
 
 
+def test_a_moved_folder_is_read_where_it_is_now(vilt_index, photos, tmp_path):
+  moved = tmp_path / "moved"
+  shutil.copytree(photos, moved)
+  r = retriever.Retriever.load(vilt_index[0], images_dir=str(moved))
+  hit = r.search("a green pyramid", k=3, rerank=True)[0][0]
+  assert hit["path"] == str(moved / "garden" / "deep" / "green_pyramid.png")
+  with pytest.raises(errors.UserError, match="images_dir .*the folder of photos"):
+    retriever.Retriever.load(vilt_index[0], images_dir=str(tmp_path / "nowhere"))
+
+
 def test_search_command_prints_the_file(vilt_index):
   proc = _run("rerank.search", f"--index={vilt_index[0]}", "--query=a purple pyramid",
               "--rerank", "--k=3", "--show=3")
