@@ -168,7 +168,7 @@ def markdown(rows: list[dict]) -> str:
   lines = [f"Pixel families, CE over k={k} candidates per query (seconds; random weights, "
            f"{TEXT_LEN}-token query, candidates' JPEGs {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}):", "",
            "| family | size | input | CE-k pixels | CE-k files | CE-k cached states | pixels / cached "
-           "| cache MiB/image (fp16) | max |Δ score| fp32 / fp16 cache | index s/image |",
+           "| cache MiB/image (fp16) | max abs score diff, fp32 / fp16 cache | index s/image |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "ce_k_cached" in r:
