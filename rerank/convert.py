@@ -1,6 +1,6 @@
-r"""Converts a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER; ViLT) for our models.
+r"""Converts a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER; ViLT, BLIP) for our models.
 
-  python -m rerank.convert --family={bert,oscar,m3p,uniter,vilt} --src=DIR --dst=DIR [--tokenizer=DIR]
+  python -m rerank.convert --family={bert,oscar,m3p,uniter,vilt,blip} --src=DIR --dst=DIR [--tokenizer=DIR]
       [--model_config=FILE] [--lower_case=auto|true|false]
 
 vilt: a transformers ViltModel / ViltForImageAndTextRetrieval directory (its retrieval head

@@ -12,6 +12,7 @@ Sizes, vocabulary, eps and activation come from the checkpoint's config (M3P shi
 its sizes are read from the weight shapes).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -246,6 +247,8 @@ def guess_family(state: dict) -> str | None:
     return "uniter"
   if has("img_embedding.weight"):
     return "oscar"
+  if has("vision_model.encoder.layers.0.self_attn.qkv.weight"):  # before bert: BLIP's text tower is BERT
+    return "blip"
   if has("encoder.layer.0.attention.self.query.weight"):
     return "bert"
   return None
@@ -308,3 +311,15 @@ def check_config_types(config: dict, path: str) -> None:
       continue
     if not ok(config[name]):
       raise ConvertError(f"{path}: {name}: expected {what}; found {json.dumps(config[name])[:80]}")
+
+
+@contextlib.contextmanager
+def family_hint(family: str, guess: str | None):
+  """Adds "try --family=X" to a ConvertError when the keys look like another family's."""
+  try:
+    yield
+  except ConvertError as e:
+    if not guess or guess == family:
+      raise
+    raise ConvertError(f"{str(e).rstrip('.')}. The keys look like a {guess!r} checkpoint: "
+                                  f"try --family={guess}.") from e

@@ -23,7 +23,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rerank.models import convert as convert_lib
 from rerank.models import families
 from rerank.models import pretrained
 from rerank.models import vilt
@@ -326,8 +325,12 @@ def build_params(cfg: vilt.Config, state: dict, head: dict, source: str, seed: i
 
 
 def convert(src: str, dst: str, tokenizer_dir: str | None = None, lower_case: str = "auto",
-            seed: int = 0, config_path: str | None = None, log=print) -> dict:
-  """Converts the HF ViLT checkpoint `src` into the directory `dst`; returns model.json's content."""
+            seed: int = 0, config_path: str | None = None, log=print, *, load_tokenizer) -> dict:
+  """Converts the HF ViLT checkpoint `src` into the directory `dst`; returns model.json's content.
+
+  `load_tokenizer(family, config, dir, lower_case) -> (tokenizer, note)` is
+  `rerank.models.convert.load_hf_tokenizer` (passed in: that module dispatches here).
+  """
   pretrained.check_destination(dst)
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
@@ -341,12 +344,12 @@ def convert(src: str, dst: str, tokenizer_dir: str | None = None, lower_case: st
   state = pretrained.normalise_keys(state)
   guess = families.guess_family(state)
   # Layout before tokenizer: another family's checkpoint fails with the family hint.
-  with convert_lib._family_hint("vilt", guess):  # pylint: disable=protected-access
+  with families.family_hint("vilt", guess):
     cfg, notes = model_config(config, canvas(image), config_source)
     backbone, head, prefix, others = split_state(state)
     del state
     params, report = build_params(cfg, backbone, head, weights, seed, prefix)
-  tokenizer, tok_note = convert_lib.load_hf_tokenizer("vilt", config, tokenizer_dir or src_dir, lower_case)
+  tokenizer, tok_note = load_tokenizer("vilt", config, tokenizer_dir or src_dir, lower_case)
   if len(tokenizer) > cfg.vocab_size:
     raise pretrained.ConvertError(
         f"tokenizer ({tok_note}) has {len(tokenizer)} tokens but the checkpoint's word embedding "
