@@ -1,4 +1,4 @@
-"""Multi-host: 2 processes x 4 CPU devices (launch/local_multiprocess.sh) = the 1-device step."""
+"""Multi-host: 2 processes x 4 CPU devices (launch/local_multiprocess.sh) = the 1-device steps."""
 
 import json
 import os
@@ -32,6 +32,7 @@ def test_two_processes_of_four_devices_equal_one_device(tmp_path):
   # The reference: the same step on this test process's first device.
   ref = step_worker.build_step()
   step_worker.run_layout("ref", *ref, out)
+  step_worker.assert_trained(out, "ref")
   step_worker.assert_same_step(out, "fsdp_tp")
 
 

@@ -1,4 +1,5 @@
-"""Sharding: one step on 8 devices under dp / fsdp / tp equals the 1-device step; rules and mesh."""
+"""Sharding: 3 training steps on 8 devices under dp / fsdp / tp equal the 1-device steps
+(parameters and Adam moments); rules and mesh."""
 
 import json
 import os
@@ -20,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from configs import demo  # noqa: E402
-from step_worker import JAX_CACHE, assert_same_step  # noqa: E402
+from step_worker import JAX_CACHE, assert_same_step, assert_trained  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -45,7 +46,7 @@ def eight_devices(tmp_path_factory):
     ("tp", {"data": 4, "model": 2}, {"intermediate": [None, "model"], "query": [None, "model", None],
                                      "word_embeddings": [None, None]}),
 ])
-def test_one_step_on_8_devices_equals_1_device(eight_devices, layout, mesh, specs):
+def test_steps_on_8_devices_equal_1_device(eight_devices, layout, mesh, specs):
   with open(os.path.join(eight_devices, f"{layout}.json")) as f:
     info = json.load(f)
   assert info["devices"] == 8 and info["mesh"] == mesh
@@ -62,6 +63,7 @@ def test_one_step_on_8_devices_equals_1_device(eight_devices, layout, mesh, spec
   assert {"dp": share == 1, "fsdp": 1 / 8 <= share < 0.2, "tp": 0.5 < share < 1}[layout], share
   assert len(info["log"]) == 1, info["log"]  # the presets fit the tiny model: nothing falls back
   assert info["log"][0].startswith("layout: params ") and info["log"][0].endswith(f"rules {layout}")
+  assert_trained(eight_devices)  # the reference moved: equal parameters are not initial ones
   assert_same_step(eight_devices, layout)
 
 
