@@ -70,7 +70,7 @@ def _get(tree, keys):
   return tree
 
 
-def _flat(tree, prefix: str) -> dict:
+def flat(tree, prefix: str) -> dict:
   """{"prefix/a/b/...": host array} of every leaf of a (replicated, local) tree."""
   def name(k):
     for attr in ("key", "idx", "name"):
@@ -93,10 +93,10 @@ def run_layout(name: str, config, model, tx, batches_, out_dir: str) -> None:
                  in_shardings=(layout.state, layout.batch),
                  out_shardings=(layout.state, layout.replicated))
   per_step = {"loss": [], "grad_norm": [], "moved": []}  # moved: largest |parameter change|
-  before = _flat(sharding.local_replica(state["params"], layout.mesh), "params")
+  before = flat(sharding.local_replica(state["params"], layout.mesh), "params")
   for batch in batches_:
     state, metrics = step(state, sharding.shard_batch(batch, layout.batch))
-    after = _flat(sharding.local_replica(state["params"], layout.mesh), "params")
+    after = flat(sharding.local_replica(state["params"], layout.mesh), "params")
     per_step["moved"].append(max(float(np.abs(after[k] - before[k]).max()) for k in after))
     per_step["loss"].append(float(np.asarray(metrics["loss"])))
     per_step["grad_norm"].append(float(np.asarray(metrics["grad_norm"])))
@@ -111,7 +111,7 @@ def run_layout(name: str, config, model, tx, batches_, out_dir: str) -> None:
   # What one device really holds, to check the layout's computed figures against.
   held = {k: sum(x.addressable_data(0).nbytes for x in jax.tree_util.tree_leaves(state[k]))
           for k in ("params", "opt_state")}
-  opt = _flat(sharding.local_replica(state["opt_state"], layout.mesh), "opt")
+  opt = flat(sharding.local_replica(state["opt_state"], layout.mesh), "opt")
   if distributed.is_main():
     np.savez(os.path.join(out_dir, f"{name}.npz"), **{k: np.asarray(v) for k, v in per_step.items()},
              **before, **opt)
@@ -169,9 +169,8 @@ def _group(key: str) -> str:
   return key.split("/")[0]
 
 
-def assert_same_step(out_dir: str, name: str, ref: str = "ref", rtol: float = 1e-5) -> None:
-  """Layout `name` computed what `ref` did: per-step losses, gradient norms and parameter
-  changes, and after the last step every parameter and optimizer-state leaf (Adam's mu and nu).
+def assert_same_leaves(a, b, name: str, rtol: float = 1e-5) -> None:
+  """Every leaf of b (a mapping of `flat` names) equals a's, each on its group's scale.
 
   float32 sums in another order differ by a few ulps, so a leaf may differ by `rtol` of the
   largest magnitude in its group (parameters, mu, nu: nu ~ gradient^2 is ~1e-5 here, so a fixed
@@ -179,19 +178,26 @@ def assert_same_step(out_dir: str, name: str, ref: str = "ref", rtol: float = 1e
   not do: the attention key bias has no gradient (softmax ignores a shift shared by every key),
   its moments are float noise. Seen on 8 CPU devices: at most 1.3e-6 of the group's scale.
   """
+  assert sorted(a) == sorted(b)
+  scale = {}
+  for key in a:
+    scale[_group(key)] = max(scale.get(_group(key), 0.0), float(np.abs(a[key]).max()))
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=rtol * scale[_group(key)],
+                               err_msg=f"{name}: {key}")
+
+
+def assert_same_step(out_dir: str, name: str, ref: str = "ref", rtol: float = 1e-5) -> None:
+  """Layout `name` computed what `ref` did: per-step losses, gradient norms and parameter
+  changes, and after the last step every parameter and optimizer-state leaf (Adam's mu and nu),
+  compared by `assert_same_leaves`."""
   a, b = np.load(os.path.join(out_dir, f"{ref}.npz")), np.load(os.path.join(out_dir, f"{name}.npz"))
-  assert sorted(a.files) == sorted(b.files)
   assert sum(k.startswith("params/") for k in a.files) > 10
   for part in ("mu", "nu"):
     assert sum(_group(k) == part for k in a.files) == sum(k.startswith("params/") for k in a.files)
-  scale = {}
-  for key in a.files:
-    scale[_group(key)] = max(scale.get(_group(key), 0.0), float(np.abs(a[key]).max()))
   for key in ("loss", "grad_norm", "moved"):
     np.testing.assert_allclose(b[key], a[key], rtol=rtol, err_msg=f"{name}: {key}")
-  for key in a.files:
-    np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=rtol * scale[_group(key)],
-                               err_msg=f"{name}: {key}")
+  assert_same_leaves({k: a[k] for k in a.files}, {k: b[k] for k in b.files}, name, rtol)
 
 
 def main():
