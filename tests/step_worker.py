@@ -114,7 +114,7 @@ def run_layout(name: str, config, model, tx, batches_, out_dir: str) -> None:
   opt = flat(sharding.local_replica(state["opt_state"], layout.mesh), "opt")
   if distributed.is_main():
     np.savez(os.path.join(out_dir, f"{name}.npz"), **{k: np.asarray(v) for k, v in per_step.items()},
-             **before, **opt)
+             **before, **opt)  # before: by now the last step's parameters
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
       json.dump({"layout": watched, "mesh": dict(layout.mesh.shape), "loss": per_step["loss"],
                  "size": dataclasses.asdict(layout.size), "held": held, "log": lines,
