@@ -94,18 +94,23 @@ def _retriever(search):
   `search` (the checkpoint config's field)."""
   config = demo.get_config("runlocal,mode=joint_sum")
   config.search = search
+  def regions(rows):  # [n, 1, 1] the logit of each image, [n, 1] mask
+    return MIX_LOGITS[np.asarray(rows)][:, None, None], np.ones((len(rows), 1), bool)
+
   corpus = batches.RetrievalData(
       token_ids=np.zeros((3, 2), np.int32), text_mask=np.ones((3, 2), bool),
       caption_image=np.arange(3, dtype=np.int32), image_ids=np.arange(3, dtype=np.int64),
-      region_features=lambda r: (MIX_LOGITS[np.asarray(r)][:, None, None], np.ones((len(r), 1), bool)))
-  engine = types.SimpleNamespace(embed_texts=lambda ids, mask: np.zeros((len(ids), 4), np.float32),
-                                 ce_params={})
-  restored = types.SimpleNamespace(
-      config=config, model=_LogitModel(), mode=modes.get(config.mode),
-      engine=lambda batch_size: engine,
-      text_inputs=lambda texts: (np.zeros((len(texts), 2), np.int32), np.ones((len(texts), 2), bool)))
-  index = types.SimpleNamespace(
-      search=lambda q, k: (np.tile(np.arange(3), (len(q), 1))[:, :k], np.tile(MIX_COSINES, (len(q), 1))[:, :k]))
+      region_features=regions)
+  engine = types.SimpleNamespace(ce_params={},
+                                 embed_texts=lambda ids, mask: np.zeros((len(ids), 4), np.float32))
+  def tokens(texts):
+    return np.zeros((len(texts), 2), np.int32), np.ones((len(texts), 2), bool)
+
+  restored = types.SimpleNamespace(config=config, model=_LogitModel(), mode=modes.get(config.mode),
+                                   engine=lambda batch_size: engine, text_inputs=tokens)
+  index = types.SimpleNamespace(  # the BE top k: ids 0, 1, 2 with MIX_COSINES
+      search=lambda q, k: (np.tile(np.arange(3), (len(q), 1))[:, :k],
+                           np.tile(MIX_COSINES, (len(q), 1))[:, :k]))
   return retriever.Retriever(restored, corpus, ["a", "b", "c"], index, {})
 
 
