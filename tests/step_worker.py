@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -38,11 +37,18 @@ from rerank.data import batches  # noqa: E402
 from rerank.data import datasets
 from rerank.models import modes  # noqa: E402
 
-# Subprocesses share a persistent compilation cache: the runs compile identical programs, and on
-# this 2-core machine compiling is most of their time. Entries are keyed by program and flags.
-JAX_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "rerank_test_jax_cache"),
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+def cache_env(tmp_path_factory) -> dict:
+  """Environment for the test subprocesses' persistent compilation cache, in this pytest
+  session's temporary folder; {} when the environment already names one (the subprocesses
+  inherit it). The runs compile identical programs, and on a 2-core machine compiling is most
+  of their time; entries are keyed by program and flags."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return {}
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax_cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
 
 # layout -> (mesh, rules); "ref" runs on the first device alone.
 LAYOUTS = {
@@ -82,7 +88,8 @@ def flat(tree, prefix: str) -> dict:
 
 
 def run_layout(name: str, config, model, tx, batches_, out_dir: str) -> None:
-  """STEPS steps under layout `name`, set up by `sharding.create_train_state` as the trainer does."""
+  """STEPS steps under layout `name`, set up by `sharding.create_train_state` as the trainer
+  does."""
   mesh_cfg, rules = LAYOUTS[name]
   config = copy.deepcopy(config)
   config.mesh, config.rules = mesh_cfg, rules
@@ -113,8 +120,9 @@ def run_layout(name: str, config, model, tx, batches_, out_dir: str) -> None:
           for k in ("params", "opt_state")}
   opt = flat(sharding.local_replica(state["opt_state"], layout.mesh), "opt")
   if distributed.is_main():
-    np.savez(os.path.join(out_dir, f"{name}.npz"), **{k: np.asarray(v) for k, v in per_step.items()},
-             **before, **opt)  # before: by now the last step's parameters
+    arrays = {k: np.asarray(v) for k, v in per_step.items()}
+    # `before` holds the last step's parameters by now.
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **arrays, **before, **opt)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
       json.dump({"layout": watched, "mesh": dict(layout.mesh.shape), "loss": per_step["loss"],
                  "size": dataclasses.asdict(layout.size), "held": held, "log": lines,

@@ -27,10 +27,11 @@ def _launch(args, timeout, **kwargs) -> subprocess.CompletedProcess:
   return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_two_processes_of_four_devices_equal_one_device(tmp_path):
+def test_two_processes_of_four_devices_equal_one_device(tmp_path, tmp_path_factory):
   out = str(tmp_path)
   # fsdp + tp: parameters split over both mesh axes, the data axis across the two processes.
-  env = dict(os.environ, RERANK_LOG_DIR=out, PYTHONPATH=REPO, **step_worker.JAX_CACHE)
+  env = dict(os.environ, RERANK_LOG_DIR=out, PYTHONPATH=REPO,
+             **step_worker.cache_env(tmp_path_factory))
   env.pop("XLA_FLAGS", None)
   r = _launch(["2", sys.executable, os.path.join(REPO, "tests", "step_worker.py"), f"--out={out}",
                "--layouts=fsdp_tp"], timeout=600, env=env, cwd=REPO)

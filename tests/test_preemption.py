@@ -19,7 +19,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from step_worker import JAX_CACHE  # noqa: E402  (the shared compilation cache)
+from step_worker import cache_env  # noqa: E402  (the shared compilation cache)
 
 TOTAL = 30
 SIGTERM_AT = 3  # SIGTERM arrives while the run pauses after this step: it stops right there
@@ -32,10 +32,11 @@ ARGS = ["--config=configs/demo.py:runlocal,mode=joint_sum", "--config.model.num_
 
 
 class _Run:
-  """One `python -m rerank.train` child; output to files in `logs`; optional pause at a step."""
+  """One `python -m rerank.train` child; output to files in `logs`; `cache`: the compilation
+  cache's environment (`step_worker.cache_env`); optional pause after step `pause_at`."""
 
-  def __init__(self, workdir, logs, name, pause_at=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **JAX_CACHE)
+  def __init__(self, workdir, logs, name, cache, pause_at=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **cache)
     env.pop("XLA_FLAGS", None)
     self.gate = os.path.join(logs, f"{name}.go")
     if pause_at is not None:
@@ -98,15 +99,15 @@ def _latest_checkpoint(workdir):
   return max(int(n) for n in names if n.isdigit())
 
 
-def test_sigterm_then_kill9_then_rerun_matches_uninterrupted(tmp_path):
-  workdir, logs = str(tmp_path / "run"), str(tmp_path)
+def test_sigterm_then_kill9_then_rerun_matches_uninterrupted(tmp_path, tmp_path_factory):
+  workdir, logs, cache = str(tmp_path / "run"), str(tmp_path), cache_env(tmp_path_factory)
   with _children() as runs:
     # The reference, uninterrupted, runs beside the interrupted runs.
-    full = _Run(str(tmp_path / "full"), logs, "full")
+    full = _Run(str(tmp_path / "full"), logs, "full", cache)
     runs.append(full)
 
     # SIGTERM (a preemption notice) mid-run: checkpoint at the step it reached, exit 0.
-    runs.append(_Run(workdir, logs, "sigterm", pause_at=SIGTERM_AT))
+    runs.append(_Run(workdir, logs, "sigterm", cache, pause_at=SIGTERM_AT))
     runs[-1].wait_paused()
     runs[-1].proc.send_signal(signal.SIGTERM)
     runs[-1].release()
@@ -118,7 +119,7 @@ def test_sigterm_then_kill9_then_rerun_matches_uninterrupted(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "results.json"))
 
     # Same command again; kill -9 it some steps later, past periodic checkpoints.
-    runs.append(_Run(workdir, logs, "kill9", pause_at=KILL_AT))
+    runs.append(_Run(workdir, logs, "kill9", cache, pause_at=KILL_AT))
     runs[-1].wait_paused()
     runs[-1].proc.kill()
     runs[-1].proc.wait(timeout=60)
@@ -127,7 +128,7 @@ def test_sigterm_then_kill9_then_rerun_matches_uninterrupted(tmp_path):
     assert _steps(_lines(workdir)) == list(range(1, KILL_AT))
 
     # Same command once more: resumes from the newest complete checkpoint and finishes.
-    runs.append(_Run(workdir, logs, "rerun"))
+    runs.append(_Run(workdir, logs, "rerun", cache))
     rc, out, err = runs[-1].finish()
     assert rc == 0, err[-3000:]
     full_rc, _, full_err = full.finish()

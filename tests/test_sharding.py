@@ -21,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from configs import demo  # noqa: E402
-from step_worker import JAX_CACHE, assert_same_leaves, assert_same_step, assert_trained, flat  # noqa: E402
+from step_worker import (assert_same_leaves, assert_same_step, assert_trained,  # noqa: E402
+                         cache_env, flat)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -29,7 +30,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("layouts"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **JAX_CACHE,
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **cache_env(tmp_path_factory),
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "step_worker.py"),
                       f"--out={out}", "--layouts=ref,dp,fsdp,tp"], env=env, cwd=REPO,
