@@ -45,7 +45,7 @@ def test_scripts_parse():
   for name in os.listdir(os.path.join(REPO, "launch")):
     if name.endswith((".sh", ".sbatch")):
       r = subprocess.run(["bash", "-n", os.path.join(REPO, "launch", name)], capture_output=True,
-                         text=True)
+                         text=True, timeout=60)
       assert r.returncode == 0, (name, r.stderr)
 
 
@@ -53,7 +53,7 @@ def test_usage_errors(pod):
   for args in [(), ("launch",), ("run",), ("logs", "x"), ("logs", "1x"), ("stop", "now")]:
     r = pod(*args)
     assert r.returncode == 2 and "usage" in r.stderr, args
-  r = subprocess.run([POD, "stop"], capture_output=True, text=True,
+  r = subprocess.run([POD, "stop"], capture_output=True, text=True, timeout=60,
                      env={k: v for k, v in os.environ.items() if k != "TPU_NAME"})
   assert r.returncode != 0 and "TPU_NAME" in r.stderr
 
@@ -64,14 +64,14 @@ def test_setup_ships_the_repository_only_and_installs_python_311(pod, tmp_path):
   with tarfile.open(tmp_path / "tmp" / "rerank.tar.gz") as t:
     names = set(t.getnames())
   tracked = set(subprocess.run(["git", "-C", REPO, "ls-files"], capture_output=True, text=True,
-                               check=True).stdout.split())
+                               check=True, timeout=60).stdout.split())
   assert "setup.py" in names and "launch/tpu_pod.sh" in names
   assert names <= tracked | {os.path.dirname(n) for n in names}  # files git tracks, their dirs
   calls = (tmp_path / "calls.log").read_text()
   assert "--worker=all" in calls and "--zone=us-central2-b" in calls
   script = next(p for p in tmp_path.glob("script.*.sh")).read_text()
   assert 'uv venv -q --python ">=3.11"' in script and '-e "$dir[tpu]"' in script
-  assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+  assert subprocess.run(["bash", "-n", "-c", script], timeout=60).returncode == 0
 
 
 def test_dry_run_prints_the_gcloud_commands(pod, tmp_path):

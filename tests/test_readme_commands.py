@@ -14,11 +14,13 @@ are collected, and each must have an entry in COMMANDS saying how it is checked 
 A README command without an entry, or an entry whose command left the README, fails.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -26,9 +28,6 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import step_worker  # noqa: E402  (the shared compilation cache: the runs compile alike programs)
-
 README = os.path.join(REPO, "README.md")
 
 
@@ -261,7 +260,8 @@ def test_variants_keep_the_documented_flags():
 
 
 def _env(devices=0, log_dir=None):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **step_worker.JAX_CACHE)
+  # os.environ carries conftest.py's compilation cache: the runs compile alike programs.
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   if log_dir:  # launch/local_multiprocess.sh: the other processes' logs
     env["RERANK_LOG_DIR"] = log_dir
   if devices:
@@ -270,10 +270,18 @@ def _env(devices=0, log_dir=None):
   return env
 
 
-def _run(command: str, devices=0, log_dir=None, timeout=900):
+def _run(command: str, devices=0, log_dir=None, timeout=480):
+  """Runs `command` in its own process group, all of which is killed if it fails to finish."""
   argv = [sys.executable if a == "python" else a for a in shlex.split(command)]
-  res = subprocess.run(argv, cwd=REPO, env=_env(devices, log_dir), capture_output=True,
-                       text=True, timeout=timeout)
+  proc = subprocess.Popen(argv, cwd=REPO, env=_env(devices, log_dir), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  finally:  # whatever is left of the group: the launcher's processes too, not only the launcher
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  res = subprocess.CompletedProcess(argv, proc.returncode, out, err)
   assert res.returncode == 0, f"{command}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
   return res
 

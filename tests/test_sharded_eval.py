@@ -151,13 +151,17 @@ def test_sigterm_during_final_evaluation_then_rerun_gives_the_same_results(train
   # The same training command on a finished workdir only evaluates; stop it once parts exist.
   proc = subprocess.Popen(_train_cmd(cfg, workdir), cwd=REPO, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  t_end = time.time() + 600
-  while not any(f.endswith(".npz") for _, _, fs in os.walk(parts_dir) for f in fs):
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < t_end, "no evaluation part stored after 600s"
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
+  try:
+    t_end = time.time() + 400
+    while not any(f.endswith(".npz") for _, _, fs in os.walk(parts_dir) for f in fs):
+      assert proc.poll() is None, proc.communicate(timeout=60)[1][-3000:]
+      assert time.time() < t_end, "no evaluation part stored after 400s"
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
   assert proc.returncode == 0, err[-3000:]
   assert "(SIGTERM)" in out and "rerun the same command" in out, out[-2000:]
   assert not os.path.exists(os.path.join(workdir, "results.json"))

@@ -105,7 +105,7 @@ def test_checkpoint_round_trip(tmp_path):
 def _run(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=480)
 
 
 def _losses(workdir):
