@@ -1,4 +1,4 @@
-"""What every test shares: per-session scratch folders in the environment, reserved ports.
+"""What tests share: per-session scratch folders in the environment, reserved ports, one run.
 
 Subprocesses inherit os.environ, so setting these once here reaches every command a test runs
 (through `dict(os.environ, ...)`), without a fixed path that two test runs on one machine would
@@ -13,9 +13,15 @@ compilations stay in memory as before.
 """
 
 import contextlib
-import socket
+import os
+import sys
 
 import pytest
+
+from procs import hold_port, run_group
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNLOCAL = ["-m", "rerank.train", "--config=configs/demo.py:runlocal"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,30 +39,29 @@ def _session_scratch(tmp_path_factory):
     yield values
 
 
-def hold_port(port: int = 0) -> socket.socket:
-  """A socket bound to 127.0.0.1:port (0: a free one) that keeps the port from anyone else.
-
-  It sets SO_REUSEPORT and never listens: jax's coordinator (a gRPC server, which sets
-  SO_REUSEPORT too) can still bind the port while it is held, but no other program can take it
-  between the choice and that bind, as one could after a bind-then-close probe. Raises OSError
-  when the port is taken.
-  """
-  s = socket.socket()
-  try:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", port))
-  except OSError:
-    s.close()
-    raise
-  return s
-
-
 @pytest.fixture
 def reserve_port():
-  """`reserve_port(port=0) -> port`: held until the test ends (see hold_port)."""
+  """`reserve_port(port=0) -> port`: held until the test ends (see procs.hold_port)."""
   with contextlib.ExitStack() as held:
 
     def reserve(port: int = 0) -> int:
       return held.enter_context(hold_port(port)).getsockname()[1]
 
     yield reserve
+
+
+@pytest.fixture(scope="session")
+def runlocal_run(tmp_path_factory):
+  """The README's `python -m rerank.train --config=configs/demo.py:runlocal --workdir=DIR` on one
+  CPU device, once per session for the tests that read its workdir (copy it to write in it):
+  (workdir, CompletedProcess)."""
+  work = str(tmp_path_factory.mktemp("runlocal") / "work")
+  # One process on one device, whatever cluster this runs in.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "JAX_COORDINATOR", "TPU_", "RERANK_COORDINATOR",
+                              "RERANK_NUM_PROCESSES", "RERANK_PROCESS_ID", "XLA_FLAGS"))}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  res = run_group([sys.executable, *RUNLOCAL, f"--workdir={work}"], timeout=480, cwd=REPO,
+                  env=env)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return work, res

@@ -23,9 +23,7 @@ from rerank.training import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 from configs import demo  # noqa: E402
-from step_worker import JAX_CACHE  # noqa: E402  (the shared compilation cache)
 
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
 # The runlocal demo, trained long enough that BE and RR rank far from chance; small stored
@@ -43,7 +41,8 @@ ARGS = ["--config.total_steps=40", "--config.lr=2e-3", "--config.eval_every=0",
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **JAX_CACHE)
+  # os.environ carries conftest.py's compilation cache: the runs compile alike programs.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)  # one device unless `extra` says otherwise
   env.update(extra)
   return env
