@@ -1,14 +1,19 @@
-"""launch/tpu_pod.sh against a stand-in `gcloud` that runs each worker's script on this machine."""
+"""The launchers: launch/tpu_pod.sh against a stand-in `gcloud` that runs each worker's script on
+this machine; launch/local_multiprocess.sh's port, logs and failures."""
 
 import os
+import socket
 import subprocess
 import tarfile
 import time
 
 import pytest
 
+import procs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POD = os.path.join(REPO, "launch", "tpu_pod.sh")
+LOCAL = os.path.join(REPO, "launch", "local_multiprocess.sh")
 
 # `gcloud compute tpus tpu-vm scp SRC TPU:DST ...` copies SRC to $FAKE_ROOT/DST;
 # `... ssh TPU ... --command=SCRIPT` records SCRIPT, and runs it with bash when FAKE_RUN=1.
@@ -126,3 +131,57 @@ def _wait_for(cond, timeout: float = 20.0) -> None:
   while not cond():
     assert time.time() < end, "timed out"
     time.sleep(0.1)
+
+
+# ---- launch/local_multiprocess.sh -----------------------------------------------------------
+
+
+def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
+  # Process 0 would run for 5 minutes (as a process waits for a dead peer in a collective):
+  # unless the launcher stops it, the run outlasts the timeout and the test fails.
+  script = 'if [ "$RERANK_PROCESS_ID" = 1 ]; then exit 3; fi; exec sleep 300'
+  r = procs.run_group([LOCAL, "2", "sh", "-c", script], timeout=60,
+                      env=dict(os.environ, RERANK_LOG_DIR=str(tmp_path)))
+  assert r.returncode == 3, r.stderr  # the failed process's status, not the stopped one's
+
+
+def test_local_launcher_holds_the_port_it_chose(tmp_path):
+  """No other program can take the coordinator port between the launcher's choice and the
+  coordinator's bind; one that shares it (SO_REUSEPORT, as gRPC) can."""
+  probe = ("import os, socket\n"
+           "port = int(os.environ['RERANK_COORDINATOR'].rsplit(':', 1)[1])\n"
+           "plain = socket.socket()\n"
+           "try:\n"
+           "  plain.bind(('127.0.0.1', port)); print('plain bind: taken')\n"
+           "except OSError:\n"
+           "  print('plain bind: refused')\n"
+           "shared = socket.socket()\n"
+           "shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+           "shared.bind(('127.0.0.1', port)); print('shared bind: ok')\n")
+  env = dict(os.environ, RERANK_LOG_DIR=str(tmp_path))
+  env.pop("RERANK_PORT", None)
+  r = procs.run_group([LOCAL, "1", "python3", "-c", probe], timeout=60, env=env)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.splitlines() == ["plain bind: refused", "shared bind: ok"]
+
+
+def test_local_launcher_logs_to_a_new_folder_by_default():
+  env = {k: v for k, v in os.environ.items() if k != "RERANK_LOG_DIR"}
+  r = procs.run_group([LOCAL, "2", "sh", "-c", 'echo "hello from $RERANK_PROCESS_ID"'],
+                      timeout=60, env=env)
+  assert r.returncode == 0 and r.stdout == "hello from 0\n", (r.stdout, r.stderr)
+  folder = r.stderr.split(" log to ")[1].split("/rerank_proc<i>.log")[0]
+  try:
+    with open(os.path.join(folder, "rerank_proc1.log")) as f:
+      assert f.read() == "hello from 1\n"
+    assert os.listdir(folder) == ["rerank_proc1.log"]  # new: nothing of an earlier run
+  finally:
+    os.remove(os.path.join(folder, "rerank_proc1.log"))
+    os.rmdir(folder)
+
+
+def test_hold_port_keeps_others_off():
+  with procs.hold_port() as held:
+    port = held.getsockname()[1]
+    with socket.socket() as other, pytest.raises(OSError):
+      other.bind(("127.0.0.1", port))

@@ -24,6 +24,7 @@ from rerank.training import sharding
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configs import demo  # noqa: E402
+import procs  # noqa: E402  (tests/, on the path as pytest runs this file)
 
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
 # The runlocal demo, trained long enough that BE and RR rank far from chance; small stored
@@ -110,9 +111,9 @@ def test_eight_devices_and_two_processes_give_the_same_recalls(trained, tmp_path
   assert not os.path.exists(os.path.join(out8, "eval_parts"))  # removed once results are written
 
   out2 = str(tmp_path / "two")
-  r = subprocess.run([LAUNCH, "2", *_evaluate_cmd(cfg, workdir, out2)], cwd=REPO,
-                     capture_output=True, text=True, timeout=900,
-                     env=_env(RERANK_LOG_DIR=str(tmp_path)))
+  # In a process group killed at the end: the launcher's processes too, should it hang.
+  r = procs.run_group([LAUNCH, "2", *_evaluate_cmd(cfg, workdir, out2)], timeout=480, cwd=REPO,
+                      env=_env(RERANK_LOG_DIR=str(tmp_path)))
   other = tmp_path / "rerank_proc1.log"
   assert r.returncode == 0, r.stderr[-3000:] + (other.read_text()[-3000:] if other.exists() else "")
   two = _results(out2)
