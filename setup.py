@@ -38,7 +38,8 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.87"],
+        # pytest-timeout: the per-test bound set in pytest.ini.
+        "test": ["pytest>=8", "pytest-timeout>=2.1", "chex>=0.1.87"],
         # Reads coco_oscar .pt files (rerank.data.prepare) and PyTorch .bin/.pth checkpoints
         # (rerank.convert, weights_only=True); the parity tests need it. A plain `torch` pulls a
         # multi-GB CUDA build on most machines; keep it opt-in. >= 2.10: older weights_only

@@ -30,7 +30,8 @@ def test_unknown_size_is_an_error():
   with pytest.raises(ValueError, match="huge"):
     bench_train.run_benchmark(["huge"])
   r = subprocess.run([sys.executable, "-m", "rerank.bench_train", "--sizes=huge"], cwd=REPO,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 2 and "huge" in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("error: --sizes: unknown ['huge']")
 

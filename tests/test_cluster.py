@@ -1,10 +1,10 @@
 """Cluster start-up: a SLURM-launched 2-process job trains like one process; launch detection."""
 
+import contextlib
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 
@@ -29,17 +29,24 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def _slurm_job_id() -> str:
-  """A job id whose coordinator port (jax: 61440 + id % 4096) is free on this machine."""
+def _slurm_job_id(reserve_port) -> str:
+  """A job id whose coordinator port (jax: 61440 + id % 4096) is held for this test."""
   for _ in range(50):
     job = random.randrange(10_000, 1_000_000)
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", 61440 + job % 4096))
-        return str(job)
-      except OSError:
-        continue
+    try:
+      reserve_port(61440 + job % 4096)
+      return str(job)
+    except OSError:
+      continue
   pytest.skip("no free port in jax's SLURM coordinator range")
+
+
+def _stop(procs) -> None:
+  """Kills what is left of each process's group (all of it when a test failed half-way)."""
+  for p in procs:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
 
 
 def _losses(workdir: str) -> dict:
@@ -48,28 +55,27 @@ def _losses(workdir: str) -> dict:
   return {(r["step"], k): v for r in rows for k, v in r.items() if k.endswith("loss")}
 
 
-def test_slurm_two_processes_train_like_one(tmp_path):
+def test_slurm_two_processes_train_like_one(tmp_path, reserve_port, runlocal_run):
   config = demo.get_config("runlocal")
   # The last step is a dev-evaluation step too: both checkpoint managers save it at once.
   assert config.total_steps % config.eval_every == 0
   assert config.total_steps % config.checkpoint_every == 0
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  ref = subprocess.run(TRAIN + [f"--workdir={one}"], env=_env(1), cwd=REPO, capture_output=True,
-                       text=True, timeout=600)
-  assert ref.returncode == 0, ref.stderr[-3000:]
+  # The reference: `TRAIN` on one device, run once for the tests that share it (conftest.py).
+  one, two = runlocal_run[0], str(tmp_path / "two")
+  assert runlocal_run[1].args[:-1] == TRAIN
 
-  job = _slurm_job_id()
-  procs = [subprocess.Popen(TRAIN + [f"--workdir={two}"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=_env(4, SLURM_JOB_ID=job, SLURM_NTASKS="2", SLURM_PROCID=str(i),
-                                     SLURM_LOCALID=str(i), SLURM_STEP_NODELIST="localhost"))
-           for i in range(2)]
+  job = _slurm_job_id(reserve_port)
+  procs = []
   try:
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for i in range(2):
+      procs.append(subprocess.Popen(
+          TRAIN + [f"--workdir={two}"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, start_new_session=True,
+          env=_env(4, SLURM_JOB_ID=job, SLURM_NTASKS="2", SLURM_PROCID=str(i),
+                   SLURM_LOCALID=str(i), SLURM_STEP_NODELIST="localhost")))
+    outs = [p.communicate(timeout=480)[0] for p in procs]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    _stop(procs)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   assert "launch: slurm, 2 process(es), 8 device(s) (4 per process, cpu)" in outs[0]
@@ -98,8 +104,9 @@ def test_both_checkpoint_managers_save_the_same_step_on_two_processes(tmp_path):
   try:
     out = p.communicate(timeout=180)[0]
   except subprocess.TimeoutExpired:
-    os.killpg(p.pid, signal.SIGKILL)
     pytest.fail("the two managers' saves of one step did not finish (barrier collision?)")
+  finally:
+    _stop([p])
   other = (tmp_path / "rerank_proc1.log").read_text()
   assert p.returncode == 0, out[-3000:] + other[-3000:]
   assert "restored best (step 8), newest step 8" in out

@@ -85,7 +85,8 @@ def test_encode_cli_texts_match_the_masked_mean(converted, tmp_path):
   out = tmp_path / "t.npy"
   proc = subprocess.run([sys.executable, "-m", "rerank.encode", f"--checkpoint={converted}",
                          f"--texts={tmp_path / 't.txt'}", f"--out={out}", "--batch_size=2"],
-                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr
   got = np.load(out)
   want, ids = _reference_text(converted, texts)
@@ -145,7 +146,7 @@ def test_encode_errors(tmp_path, converted):
   env = {**os.environ, "PYTHONPATH": REPO}
   proc = subprocess.run([sys.executable, "-m", "rerank.encode", f"--checkpoint={tmp_path}",
                          f"--texts={tmp_path / 't.txt'}", f"--out={tmp_path / 'o.npy'}"],
-                        capture_output=True, text=True, cwd=REPO, env=env)
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
   assert proc.returncode != 0 and "neither a converted checkpoint" in proc.stderr
   assert not (tmp_path / "o.npy").exists()
 
@@ -174,7 +175,7 @@ def test_train_cli_with_init_from(converted, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "rerank.train", "--config=configs/demo.py:runlocal,mode=be",
                          f"--workdir={workdir}", f"--config.init_from={converted}", "--config.total_steps=2",
                          "--config.eval_every=0"], capture_output=True, text=True, cwd=REPO,
-                        env={**os.environ, "PYTHONPATH": REPO})
+                        env={**os.environ, "PYTHONPATH": REPO}, timeout=480)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "init_from" in proc.stdout and "ce_head freshly initialised" in proc.stdout
   assert f"size={H}x{LAYERS}" in proc.stdout
@@ -185,5 +186,6 @@ def test_train_cli_with_init_from(converted, tmp_path):
   assert emb.shape == (1, H) and np.isfinite(emb).all()
   bad = subprocess.run([sys.executable, "-m", "rerank.train", "--config=configs/demo.py:runlocal",
                         f"--workdir={tmp_path / 'wd2'}", f"--config.init_from={tmp_path}"],
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                       timeout=300)
   assert bad.returncode != 0 and "not a converted checkpoint" in bad.stderr

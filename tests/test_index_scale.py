@@ -3,7 +3,6 @@ indexed as one shard per process, searched by merging per-shard top-k."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -131,18 +130,22 @@ np.savez(out, ids=ids, offset=offset, size=shard.size)
 """
 
 
-def test_each_process_builds_and_searches_its_own_shard(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
+def test_each_process_builds_and_searches_its_own_shard(tmp_path, reserve_port):
+  port = str(reserve_port())  # held until the test ends (conftest.py)
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
   path = str(tmp_path / "index")
   procs = [subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, port, str(i), path,
                              str(tmp_path / f"out{i}.npz")], env=env, stderr=subprocess.PIPE)
            for i in range(2)]
-  for p in procs:
-    assert p.wait(timeout=180) == 0, p.stderr.read().decode()[-2000:]
+  try:
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+  finally:  # one process failing leaves the other waiting for it
+    for p in procs:
+      p.kill()
+      p.wait(timeout=60)
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err.decode()[-2000:]
   rng = np.random.default_rng(0)
   corpus = rng.normal(size=(301, 8)).astype(np.float32)
   queries = rng.normal(size=(9, 8)).astype(np.float32)

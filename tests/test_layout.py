@@ -165,7 +165,7 @@ def test_every_module_imports_in_one_process_and_defines_no_flags():
           ".startswith('rerank')]\n"
           "print(len(names), sorted(ours))\n")
   res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       check=False)
+                       check=False, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   count, defined = res.stdout.split(" ", 1)
   assert int(count) >= 40

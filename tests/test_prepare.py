@@ -174,7 +174,7 @@ def test_cli_prints_one_json_line_and_one_error_line(tmp_path):
   cmd = [sys.executable, "-m", "rerank.data.prepare", "--dataset=flickr30k_butd",
          f"--source_dir={src}", f"--data_dir={tmp_path / 'data'}", "--dtype=float32"]
   env = dict(os.environ, PYTHONPATH=REPO)
-  ok = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  ok = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
   assert ok.returncode == 0, ok.stderr
   lines = ok.stdout.strip().splitlines()
   assert len(lines) == 1
@@ -183,7 +183,8 @@ def test_cli_prints_one_json_line_and_one_error_line(tmp_path):
   assert summary["splits"]["test"] == {"images": 2, "captions": 6}
 
   _write(str(src / "Sentences" / "31.txt"), "a caption\n\nlast\n")
-  bad = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, env=env, cwd=REPO)
+  bad = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=300)
   assert bad.returncode != 0 and bad.stdout == ""
   assert "31.txt: caption 1 is empty" in bad.stderr and "--skip_bad" in bad.stderr
   # the old dataset is untouched by the failed --overwrite

@@ -19,16 +19,14 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import step_worker  # noqa: E402  (the shared compilation cache: the runs compile alike programs)
+import procs
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 
 
@@ -107,16 +105,15 @@ COMMANDS = {
         "--out={tmp}/emb.npy", "the tiny converted checkpoint", files=("{tmp}/emb.npy",),
         inputs=(("captions.txt", "a red metal cube\ntwo spheres\n"),)),
     # Running at scale
-    "python -m rerank.train --config=configs/demo.py:sharding=fsdp --workdir=DIR": Run(
-        "python -m rerank.train --config=configs/demo.py:runlocal,sharding=fsdp --workdir={tmp}/w "
-        "--stop_after=2", "`runlocal`, 2 steps, 4 simulated devices", devices=4,
-        says="rules fsdp", files=("{tmp}/w/checkpoints/2",)),
+    # The sharding presets are covered where their step is checked against one device; the
+    # trainer's CLI on a model-parallel mesh with rules from flags runs as the next entry.
+    "python -m rerank.train --config=configs/demo.py:sharding=fsdp --workdir=DIR": Covered(
+        "tests/test_sharding.py::test_one_step_on_8_devices_equals_1_device",
+        "the fsdp rules (`sharding=fsdp`, tests/test_validate.py) on 8 simulated devices"),
     "python -m rerank.train --config=configs/demo.py:sharding=tp --config.mesh.model=2 "
-    "--workdir=DIR": Run(
-        "python -m rerank.train --config=configs/demo.py:runlocal,sharding=tp "
-        "--config.mesh.model=2 --workdir={tmp}/w --stop_after=2",
-        "`runlocal`, 2 steps, 4 simulated devices", devices=4, says="model: 2",
-        files=("{tmp}/w/checkpoints/2",)),
+    "--workdir=DIR": Covered(
+        "tests/test_sharding.py::test_one_step_on_8_devices_equals_1_device",
+        "the tp rules (`sharding=tp`, tests/test_sharding_rules.py) on a {data: 4, model: 2} mesh"),
     "python -m rerank.train --config=configs/demo.py --config.rules.embed=data "
     "--config.rules.mlp=model --config.mesh.model=2 --workdir=DIR": Run(
         "python -m rerank.train --config=configs/demo.py:runlocal --config.rules.embed=data "
@@ -274,7 +271,8 @@ def test_variants_keep_the_documented_flags():
 
 
 def _env(devices=0, log_dir=None):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **step_worker.JAX_CACHE)
+  # os.environ carries conftest.py's compilation cache: the runs compile alike programs.
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   if log_dir:  # launch/local_multiprocess.sh: the other processes' logs
     env["RERANK_LOG_DIR"] = log_dir
   if devices:
@@ -283,19 +281,20 @@ def _env(devices=0, log_dir=None):
   return env
 
 
-def _run(command: str, devices=0, log_dir=None, timeout=900):
+def _run(command: str, devices=0, log_dir=None, timeout=480):
   argv = [sys.executable if a == "python" else a for a in shlex.split(command)]
-  res = subprocess.run(argv, cwd=REPO, env=_env(devices, log_dir), capture_output=True,
-                       text=True, timeout=timeout)
+  res = procs.run_group(argv, timeout, cwd=REPO, env=_env(devices, log_dir))
   assert res.returncode == 0, f"{command}\n{res.stdout[-1500:]}\n{res.stderr[-3000:]}"
   return res
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """The README's runlocal command, once per module: (workdir, its output)."""
-  work = str(tmp_path_factory.mktemp("readme") / "work")
-  res = _run(RUNLOCAL.replace("DIR", work))
+def trained(runlocal_run):
+  """The README's runlocal command (conftest.py runs it once a session): (workdir, its output).
+
+  The commands that read it write elsewhere (--out, --dst, {tmp})."""
+  work, res = runlocal_run
+  assert res.args[1:] == shlex.split(RUNLOCAL.replace("DIR", work))[1:]  # python = sys.executable
   with open(os.path.join(work, "results.json")) as f:
     methods = [row["method"] for row in json.load(f)["rows"]]
   assert methods == ["BE", "CE", "RR"]

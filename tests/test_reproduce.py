@@ -197,7 +197,7 @@ def test_reproduce_rejects_mismatched_runs(tmp_path):
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=480)
 
 
 def test_reproduce_cli_lists_and_writes_atomically(tmp_path):

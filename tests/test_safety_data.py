@@ -260,7 +260,7 @@ def test_split_list_id_cannot_reach_outside_the_source_dir(tmp_path):
 
 def _dead_pid() -> int:
   p = subprocess.Popen([sys.executable, "-c", "pass"])
-  p.wait()
+  p.wait(timeout=60)
   return p.pid
 
 
@@ -279,7 +279,7 @@ def test_a_killed_prepare_leaves_a_directory_the_next_one_removes(tmp_path):
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()
-    proc.wait()
+    proc.wait(timeout=60)
   assert len(left) == 1 and left[0].startswith(".synthetic_scenes-incomplete-"), left
   assert f"-{proc.pid}-" in left[0]  # the name records the writer
   # A build of another dataset leaves it alone; the next build of the same one removes it.
@@ -307,7 +307,7 @@ def test_stale_directories_go_live_and_unknown_ones_stay(tmp_path):
     assert sorted(os.listdir(data)) == sorted(v for k, v in names.items() if k != "dead")
   finally:
     live.kill()
-    live.wait()
+    live.wait(timeout=60)
 
 
 def test_an_overwrite_killed_between_its_renames_gets_the_old_dataset_back(tmp_path):

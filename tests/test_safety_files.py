@@ -16,12 +16,11 @@ from rerank import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from step_worker import JAX_CACHE  # noqa: E402  (the shared compilation cache)
 
 
 def _env(**extra):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **JAX_CACHE)
+  # os.environ carries conftest.py's compilation cache: the runs compile alike programs.
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("RERANK_DEBUG", None)
   env.pop("XLA_FLAGS", None)
   env.update(extra)
@@ -30,7 +29,7 @@ def _env(**extra):
 
 def _run(args, cwd=ROOT, **env):
   return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(**env), capture_output=True,
-                        text=True, check=False, timeout=600)
+                        text=True, check=False, timeout=480)
 
 
 # --- cli.run: one line for a user's mistake ------------------------------------------------------
@@ -378,18 +377,22 @@ def test_concurrent_run_is_refused_and_a_killed_runs_lock_taken_over(tmp_path, t
   import time
   w = _copy(trained, tmp_path)
   lock = os.path.join(w, "train.lock")
-  first = subprocess.Popen([sys.executable, *_TRAIN, f"--workdir={w}"], cwd=ROOT, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # Output to a file: a pipe nobody reads while polling could fill and stall the run, and
+  # reading one of a live process to report a timeout would never return.
+  log = tmp_path / "first.log"
+  with open(log, "w") as out:
+    first = subprocess.Popen([sys.executable, *_TRAIN, f"--workdir={w}"], cwd=ROOT, env=_env(),
+                             stdout=out, stderr=subprocess.STDOUT)
   try:
     t_end = time.time() + 300
     while not os.path.exists(lock):
-      assert first.poll() is None and time.time() < t_end, first.stderr.read()[-3000:]
+      assert first.poll() is None and time.time() < t_end, log.read_text()[-3000:]
       time.sleep(0.05)
     line = _error_line(_run([*_TRAIN, f"--workdir={w}"]))
     assert f"found the run of pid {first.pid} on host" in line, line
   finally:
     first.send_signal(signal.SIGKILL)
-    first.communicate()
+    first.wait(timeout=60)
   assert os.path.exists(lock)  # kill -9 leaves it
   res = _run([*_TRAIN, f"--workdir={w}", "--stop_after=1"])
   assert res.returncode == 0, res.stderr[-3000:]

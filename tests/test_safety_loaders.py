@@ -36,7 +36,7 @@ def _run(module: str, *args):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("RERANK_DEBUG", None)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, check=False, timeout=600)
+                        capture_output=True, text=True, check=False, timeout=480)
 
 
 def _one_error_line(proc) -> str:

@@ -23,9 +23,8 @@ from rerank.training import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests"))
 from configs import demo  # noqa: E402
-from step_worker import JAX_CACHE  # noqa: E402  (the shared compilation cache)
+import procs  # noqa: E402  (tests/, on the path as pytest runs this file)
 
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
 # The runlocal demo, trained long enough that BE and RR rank far from chance; small stored
@@ -43,7 +42,8 @@ ARGS = ["--config.total_steps=40", "--config.lr=2e-3", "--config.eval_every=0",
 
 
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **JAX_CACHE)
+  # os.environ carries conftest.py's compilation cache: the runs compile alike programs.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   env.pop("XLA_FLAGS", None)  # one device unless `extra` says otherwise
   env.update(extra)
   return env
@@ -111,9 +111,9 @@ def test_eight_devices_and_two_processes_give_the_same_recalls(trained, tmp_path
   assert not os.path.exists(os.path.join(out8, "eval_parts"))  # removed once results are written
 
   out2 = str(tmp_path / "two")
-  r = subprocess.run([LAUNCH, "2", *_evaluate_cmd(cfg, workdir, out2)], cwd=REPO,
-                     capture_output=True, text=True, timeout=900,
-                     env=_env(RERANK_LOG_DIR=str(tmp_path)))
+  # In a process group killed at the end: the launcher's processes too, should it hang.
+  r = procs.run_group([LAUNCH, "2", *_evaluate_cmd(cfg, workdir, out2)], timeout=480, cwd=REPO,
+                      env=_env(RERANK_LOG_DIR=str(tmp_path)))
   other = tmp_path / "rerank_proc1.log"
   assert r.returncode == 0, r.stderr[-3000:] + (other.read_text()[-3000:] if other.exists() else "")
   two = _results(out2)
@@ -151,13 +151,17 @@ def test_sigterm_during_final_evaluation_then_rerun_gives_the_same_results(train
   # The same training command on a finished workdir only evaluates; stop it once parts exist.
   proc = subprocess.Popen(_train_cmd(cfg, workdir), cwd=REPO, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  t_end = time.time() + 600
-  while not any(f.endswith(".npz") for _, _, fs in os.walk(parts_dir) for f in fs):
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    assert time.time() < t_end, "no evaluation part stored after 600s"
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=300)
+  try:
+    t_end = time.time() + 400
+    while not any(f.endswith(".npz") for _, _, fs in os.walk(parts_dir) for f in fs):
+      assert proc.poll() is None, proc.communicate(timeout=60)[1][-3000:]
+      assert time.time() < t_end, "no evaluation part stored after 400s"
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+  finally:
+    proc.kill()
+    proc.wait(timeout=60)
   assert proc.returncode == 0, err[-3000:]
   assert "(SIGTERM)" in out and "rerun the same command" in out, out[-2000:]
   assert not os.path.exists(os.path.join(workdir, "results.json"))
