@@ -35,7 +35,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
   res = subprocess.run(
       [sys.executable, "-m", "rerank.bench", f"--out={out}", "--sizes=300,2000", "--k=5",
        "--queries=20", "--ce_max=400", "--paper_budget=0"], env=env, cwd=REPO,
-      capture_output=True, text=True)
+      capture_output=True, text=True, timeout=480)
   assert res.returncode == 0, res.stderr[-2000:]
   with open(out / "bench.json") as f:
     result = json.load(f)
@@ -87,7 +87,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path):
 def test_bench_cli_rejects_bad_sizes(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run([sys.executable, "-m", "rerank.bench", f"--out={tmp_path}", "--sizes=10,abc"],
-                       env=env, cwd=REPO, capture_output=True, text=True)
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=480)
   assert res.returncode != 0 and "error: --sizes" in res.stderr
 
 

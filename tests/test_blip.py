@@ -76,7 +76,7 @@ def hf(tmp_path_factory):
   dst = root / "converted"
   proc = subprocess.run([sys.executable, "-m", "rerank.convert", "--family=blip", f"--src={st_dir}",
                          f"--dst={dst}"], capture_output=True, text=True, cwd=REPO,
-                        env={**os.environ, "PYTHONPATH": REPO})
+                        env={**os.environ, "PYTHONPATH": REPO}, timeout=480)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return model, tok, str(st_dir), str(bin_dir), str(dst)
 
@@ -224,7 +224,7 @@ def test_cli_prints_one_error_line(hf, tmp_path):
   _, _, st_dir, _, _ = hf
   proc = subprocess.run([sys.executable, "-m", "rerank.convert", "--family=oscar", f"--src={st_dir}",
                          f"--dst={tmp_path / 'out'}"], capture_output=True, text=True, cwd=REPO,
-                        env={**os.environ, "PYTHONPATH": REPO})
+                        env={**os.environ, "PYTHONPATH": REPO}, timeout=480)
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert proc.returncode == 2 and len(lines) == 1 and "--family=blip" in lines[0], proc.stderr[-2000:]
 

@@ -196,7 +196,7 @@ def test_cli_exit_code_and_message(hf_models, tmp_path):
   dst = str(tmp_path / "cli")
   proc = subprocess.run([sys.executable, "-m", "rerank.convert", "--family=uniter", f"--src={st_dir}",
                          f"--dst={dst}"], capture_output=True, text=True, cwd=REPO,
-                        env={**os.environ, "PYTHONPATH": REPO})
+                        env={**os.environ, "PYTHONPATH": REPO}, timeout=480)
   assert proc.returncode != 0
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "img_embeddings.img_linear.weight" in lines[0] and "--family=bert" in lines[0]

@@ -91,7 +91,7 @@ def test_export_cli_errors(tmp_path):
   (tmp_path / "taken" / "f").write_text("x")
   env = {**os.environ, "PYTHONPATH": REPO}
   run = lambda *a: subprocess.run([sys.executable, "-m", "rerank.export", *a],  # noqa: E731
-                                  capture_output=True, text=True, cwd=REPO, env=env)
+                                  capture_output=True, text=True, cwd=REPO, env=env, timeout=480)
   taken = run(f"--workdir={tmp_path / 'wd'}", f"--dst={tmp_path / 'taken'}")
   assert taken.returncode != 0 and "already exists" in taken.stderr
   missing = run(f"--workdir={tmp_path / 'nowhere'}", f"--dst={tmp_path / 'o'}")

@@ -279,21 +279,27 @@ np.savez(out, ids=ids, more=more, everything=everything)
 """
 
 
-def test_multihost_search_merges_every_hosts_shard(tmp_path):
-  import socket  # noqa: PLC0415
+def test_multihost_search_merges_every_hosts_shard(tmp_path, reserve_port):
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = str(s.getsockname()[1])
+  port = str(reserve_port())  # held until the test ends: no other program can take it
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
              JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, port, str(i),
-                             str(tmp_path / f"ids{i}.npz")], env=env, stderr=subprocess.PIPE)
-           for i in range(2)]
-  for p in procs:
-    assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
+  logs = [tmp_path / f"host{i}.log" for i in range(2)]
+  procs = []
+  try:
+    for i in range(2):  # children write to files: an unread pipe can never block them
+      with open(logs[i], "w") as log:
+        procs.append(subprocess.Popen([sys.executable, "-c", _HOST_SCRIPT, port, str(i),
+                                       str(tmp_path / f"ids{i}.npz")], env=env, stderr=log))
+    for p, log in zip(procs, logs):
+      assert p.wait(timeout=120) == 0, log.read_text()[-2000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=30)
   rng = np.random.default_rng(0)
   corpus = rng.normal(size=(501, 8)).astype(np.float32)
   queries = rng.normal(size=(7, 8)).astype(np.float32)

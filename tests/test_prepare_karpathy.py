@@ -200,13 +200,13 @@ def test_cli_one_error_line_then_skip_bad_summary(tmp_path):
          f"--karpathy_json={_json(tmp_path, items + [item])}", f"--source_dir={root}",
          f"--data_dir={data_dir}"]
   env = dict(os.environ, PYTHONPATH=REPO)
-  bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=480)
   lines = bad.stderr.strip().splitlines()
   assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
   assert lines[-1].startswith(f"error: {root / 'val2014' / 'cut.jpg'} (image id 11): cannot be "
                               "decoded") and "--skip_bad" in lines[-1]
   assert _left_behind(data_dir) == []
-  ok = subprocess.run(cmd + ["--skip_bad"], capture_output=True, text=True, env=env, cwd=REPO)
+  ok = subprocess.run(cmd + ["--skip_bad"], capture_output=True, text=True, env=env, cwd=REPO, timeout=480)
   assert ok.returncode == 0, ok.stderr
   summary = json.loads(ok.stdout)
   assert summary["skipped"] == {"bad_image": 1} and summary["splits"]["val"]["images"] == 2

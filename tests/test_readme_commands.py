@@ -108,11 +108,11 @@ COMMANDS = {
     # The sharding presets are covered where their step is checked against one device; the
     # trainer's CLI on a model-parallel mesh with rules from flags runs as the next entry.
     "python -m rerank.train --config=configs/demo.py:sharding=fsdp --workdir=DIR": Covered(
-        "tests/test_sharding.py::test_one_step_on_8_devices_equals_1_device",
+        "tests/test_sharding.py::test_steps_on_8_devices_equal_1_device",
         "the fsdp rules (`sharding=fsdp`, tests/test_validate.py) on 8 simulated devices"),
     "python -m rerank.train --config=configs/demo.py:sharding=tp --config.mesh.model=2 "
     "--workdir=DIR": Covered(
-        "tests/test_sharding.py::test_one_step_on_8_devices_equals_1_device",
+        "tests/test_sharding.py::test_steps_on_8_devices_equal_1_device",
         "the tp rules (`sharding=tp`, tests/test_sharding_rules.py) on a {data: 4, model: 2} mesh"),
     "python -m rerank.train --config=configs/demo.py --config.rules.embed=data "
     "--config.rules.mlp=model --config.mesh.model=2 --workdir=DIR": Run(

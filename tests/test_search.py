@@ -50,7 +50,7 @@ def built(tmp_path_factory):
   config, tok, model, params = _make_workdir(work)
   subprocess.run([sys.executable, "-m", "rerank.index", f"--checkpoint={work}", "--split=test",
                   "--num_images=32", f"--out={out}"], check=True, env=ENV, cwd=REPO,
-                 capture_output=True, text=True)
+                 capture_output=True, text=True, timeout=480)
   return work, out, config, tok, model, params
 
 
@@ -126,7 +126,7 @@ def test_index_from_another_checkpoint_is_refused(built, tmp_path):
 def test_search_cli_prints_ranked_items_and_fails_clearly(built):
   _, out, *_ = built
   run = lambda *a: subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", *a],  # noqa: E731
-                                  env=ENV, cwd=REPO, capture_output=True, text=True)
+                                  env=ENV, cwd=REPO, capture_output=True, text=True, timeout=480)
   res = run("--query=a red cube", "--k=5", "--rerank", "--show=5")
   assert res.returncode == 0, res.stderr
   lines = [l.split() for l in res.stdout.splitlines() if l.strip()[:1].isdigit()]
@@ -136,7 +136,7 @@ def test_search_cli_prints_ranked_items_and_fails_clearly(built):
   res = run("--query= ")
   assert res.returncode != 0 and "error: --query" in res.stderr
   res = subprocess.run([sys.executable, "-m", "rerank.search", "--index=/nonexistent", "--query=x"],
-                       env=ENV, cwd=REPO, capture_output=True, text=True)
+                       env=ENV, cwd=REPO, capture_output=True, text=True, timeout=480)
   assert res.returncode != 0 and "no index here" in res.stderr
   with open(os.path.join(out, "index.json")) as f:
     assert json.load(f)["identity"]["num_images"] == 32
@@ -176,13 +176,13 @@ def test_search_cli_never_echoes_a_long_query_in_full(built):
   _, out, *_ = built
   long_query = "a " + "x" * 100_000
   res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", f"--query={long_query}",
-                        "--query= "], env=ENV, cwd=REPO, capture_output=True, text=True)
+                        "--query= "], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=480)
   assert res.returncode == 2 and "error: --query" in res.stderr and len(res.stderr) < 500, res.stderr[-500:]
   res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", "--query=a cube",
-                        "--show=-1"], env=ENV, cwd=REPO, capture_output=True, text=True)
+                        "--show=-1"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=480)
   assert res.returncode == 2 and "error: --show: expected >= 1; found -1" in res.stderr, res.stderr[-500:]
   res = subprocess.run([sys.executable, "-m", "rerank.search", f"--index={out}", f"--query={long_query}",
-                        "--k=3"], env=ENV, cwd=REPO, capture_output=True, text=True)
+                        "--k=3"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=480)
   assert res.returncode == 0, res.stderr[-2000:]
   assert max(len(line) for line in res.stdout.splitlines()) < 300 and "100002 characters" in res.stdout
 

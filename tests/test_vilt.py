@@ -98,7 +98,7 @@ def converted(hf, tmp_path_factory):
   dst = str(tmp_path_factory.mktemp("conv") / "vilt")
   proc = subprocess.run([sys.executable, "-m", "rerank.convert", "--family=vilt",
                          f"--src={hf['retrieval_dir']}", f"--dst={dst}"], capture_output=True, text=True,
-                        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, timeout=480)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "rank_output" in proc.stdout
   meta = json.load(open(os.path.join(dst, "model.json")))
