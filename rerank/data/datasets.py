@@ -3,15 +3,18 @@
 With `config.dataset.data_dir` set, the split is read from the TFDS dataset that
 `python -m rerank.data.prepare` wrote there (`rerank.data.prepared`): coco_oscar,
 flickr30k_butd, multi30k, cc_dev, or a prepared synthetic_scenes. Without it,
-synthetic_scenes is generated in memory (no prepare step, as in the demo).
+synthetic_scenes is generated in memory (no prepare step, as in the demo); for a pixel family
+(`config.model.family` vilt or blip) its scenes are rendered as images, batch by batch.
 """
 
+import functools
 import os
 
 import numpy as np
 import tokenizers
 
 from rerank.data import batches
+from rerank.data import images
 from rerank.data import prepared
 from rerank.data import synthetic_scenes
 
@@ -40,9 +43,24 @@ def _synthetic_scenes(config, split: str, tokenizer, num_images=None):
   ids, mask = tokenize(tokenizer, scenes.captions, config.max_text_len)
   data = batches.RetrievalData(
       token_ids=ids, text_mask=mask, caption_image=np.asarray(scenes.caption_image, np.int32),
-      image_ids=scenes.image_ids, region_features=scenes.region_features,
+      image_ids=scenes.image_ids, region_features=_image_input(config, scenes),
       confusers=scenes.siblings())
   return data, scenes.captions
+
+
+def _image_input(config, scenes):
+  """rows -> the model's image input: region features, or for a pixel family the rendered
+  scenes (`config.dataset.image_size` pixels, default config.image.size) preprocessed as
+  config.image says: (images [B, H, W, 3] float32, mask [B, H, W] bool)."""
+  if config.model.get("family", "regions") in ("regions", "", None):
+    return scenes.region_features
+  spec = images.ImageSpec.from_dict(config.image)
+  size = config.dataset.get("image_size", 0) or spec.size
+  return functools.partial(_rendered, scenes, size, spec)
+
+
+def _rendered(scenes, size: int, spec: images.ImageSpec, rows):
+  return images.preprocess_array(synthetic_scenes.render(scenes, rows, size), spec)
 
 
 LOADERS = {"synthetic_scenes": _synthetic_scenes}
