@@ -27,7 +27,7 @@ def test_runlocal_trains_and_evaluates_from_pixels(tmp_path, family):
     assert json.load(f)["model"]["family"] == family
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4, 6]  # every 2 steps + dev evals
   assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
   n_img, n_txt = config.dataset.num_test_images, 5 * config.dataset.num_test_images
   assert results["num_images"] == n_img and results["num_texts"] == n_txt
