@@ -2,7 +2,7 @@ r"""The efficiency claim, measured: per-query latency of BE, RR and CE-full by c
 and the paper's own cost tables (its Tables 3 and 4) on this device.
 
   python -m rerank.bench --out=DIR [--sizes=1000,10000,100000,1000000] [--model=tiny|base] [--quick]
-      [--nopaper] [--paper_budget=60]
+      [--nopaper] [--paper_budget=60] [--pixels=blip,vilt [--pixel_model=small|base] [--noregions]]
 
 For each corpus size N (one run, one machine, all figures side by side):
 - BE: encode one text query + search the index (exact up to 20k items, ScaNN beyond).
@@ -26,9 +26,14 @@ lengths (72 text tokens, 50 regions), beside the paper's figures (Table 4: one V
 the paper's model size with `--model=base`; smaller models run quickly on a CPU. Work that would
 take longer than --paper_budget seconds is scaled from a timed batch and starred.
 
+With --pixels, also the pixel families' reranking cost per query (rerank/evaluation/
+pixel_costs.py): CE-k from pixels, from the image files, and for BLIP from the image states a
+folder index caches, side by side (ViLT has nothing to cache); --noregions runs only that.
+
 Writes DIR/bench.json (`rows`: N, method, seconds_per_query, measured; `index_rows`: N,
 recall_at_k, scann_seconds, exact_seconds; `paper`: rows of table, method, seconds, measured,
-paper_seconds), DIR/bench.md and DIR/bench.png (log-log).
+paper_seconds; `pixels`: one row per family), DIR/bench.md and DIR/bench.png (log-log; not
+with --noregions).
 """
 
 import dataclasses
@@ -45,6 +50,7 @@ from configs import demo
 from rerank import cli
 from rerank.data import datasets
 from rerank.evaluation import paper_costs
+from rerank.evaluation import pixel_costs
 from rerank.indexing import indexes as index_lib
 from rerank.inference import engine
 from rerank.inference import reranker as rerank_lib
@@ -63,6 +69,10 @@ def define_flags():
   flags.DEFINE_integer("ce_max", 0, "Largest CE-full size measured (default 4096; quick 1024).")
   flags.DEFINE_integer("seed", 0, "Seed of the synthetic embeddings.")
   flags.DEFINE_bool("paper", True, "Also measure the paper's Tables 3 and 4 (--nopaper: skip).")
+  flags.DEFINE_list("pixels", [], f"Pixel families ({', '.join(pixel_costs.FAMILIES)}) whose CE-k "
+                    "per query to measure: from pixels, from files, from BLIP's cached states.")
+  flags.DEFINE_enum("pixel_model", "small", list(pixel_costs.SIZES), "Size of the --pixels models.")
+  flags.DEFINE_bool("regions", True, "Measure the region-feature model (--noregions: only --pixels).")
   flags.DEFINE_float("paper_budget", 60.0, "Paper tables: work expected to take longer than this "
                      "many seconds is extrapolated from a timed batch instead of run in full.")
 
@@ -129,11 +139,21 @@ class _Model:
 
 
 def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int, seed: int,
-        log=print, paper_budget: float | None = 60.0) -> dict:
+        log=print, paper_budget: float | None = 60.0, pixels=(), pixel_model: str = "small",
+        regions: bool = True) -> dict:
   """Measures everything and returns the bench.json content (also written to out_dir).
 
   `paper_budget`: seconds of work the paper tables may run in full (None: no paper tables).
+  `pixels`: pixel families whose CE-k to measure at size `pixel_model`; `regions=False`
+  measures only those.
   """
+  machine = (f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
+             f"{jax.devices()[0].platform}")
+  pixel_rows = pixel_costs.measure(pixels, pixel_model, k, seed, log=log) if pixels else []
+  if not regions:
+    result = {"k": k, "machine": machine, "pixels": pixel_rows}
+    write(out_dir, result)
+    return result
   pair_batch = min(256, ce_max)
   m = _Model(model_size, k, pair_batch=pair_batch)
   dim = m.config.model.hidden_size
@@ -200,18 +220,21 @@ def run(out_dir: str, sizes, model_size: str, k: int, queries: int, ce_max: int,
   result = {
       "model": model_size, "dim": dim, "k": k, "queries": queries, "ce_measured_max": ce_max,
       "ce_seconds_per_pair": per_pair, "encode_seconds": enc,
-      "machine": f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
-                 f"{jax.devices()[0].platform}",
+      "machine": machine,
       "embeddings": "synthetic clustered unit vectors (N/100 centres, at most 20k; noise 0.5); "
                     "queries are noisy copies of corpus items",
       "rows": rows, "index_rows": index_rows}
   if paper is not None:
     result["paper"] = paper
+  if pixel_rows:
+    result["pixels"] = pixel_rows
   write(out_dir, result)
   return result
 
 
 def markdown(res: dict) -> str:
+  if "rows" not in res:  # --noregions
+    return f"{res['machine']}.\n\n" + pixel_costs.markdown(res.get("pixels", []))
   k = res["k"]
   by = {(r["N"], r["method"]): r for r in res["rows"]}
   sizes = sorted({r["N"] for r in res["rows"]})
@@ -234,6 +257,8 @@ def markdown(res: dict) -> str:
                  f"| {r['exact_seconds']:.2e} | {r['speedup']:.1f}x | {r['scann_build_seconds']:.1f} |")
   if "paper" in res:
     lines += ["", paper_costs.markdown(res["paper"]).rstrip("\n")]
+  if res.get("pixels"):
+    lines += ["", pixel_costs.markdown(res["pixels"]).rstrip("\n")]
   return "\n".join(lines) + "\n"
 
 
@@ -271,6 +296,8 @@ def write(out_dir: str, res: dict):
     with open(tmp, "w") as f:
       f.write(text)
     os.replace(tmp, os.path.join(out_dir, name))
+  if "rows" not in res:  # --noregions: nothing to plot
+    return
   tmp = os.path.join(out_dir, ".bench.tmp.png")
   _plot(res, tmp)
   os.replace(tmp, os.path.join(out_dir, "bench.png"))
@@ -294,10 +321,17 @@ def main(argv):
   t0 = time.perf_counter()
   if FLAGS.paper_budget < 0:
     cli.fail(f"--paper_budget: expected seconds >= 0; found {FLAGS.paper_budget}")
+  unknown = sorted(set(FLAGS.pixels) - set(pixel_costs.FAMILIES))
+  if unknown:
+    cli.fail(f"--pixels: expected families among {', '.join(pixel_costs.FAMILIES)}; found {unknown[0]!r}")
+  if not FLAGS.regions and not FLAGS.pixels:
+    cli.fail("--noregions: expected --pixels=FAMILIES to measure instead; found none")
   res = run(FLAGS.out, sorted(sizes), FLAGS.model, FLAGS.k, queries, ce_max, FLAGS.seed,
-            paper_budget=FLAGS.paper_budget if FLAGS.paper else None)
+            paper_budget=FLAGS.paper_budget if FLAGS.paper else None, pixels=FLAGS.pixels,
+            pixel_model=FLAGS.pixel_model, regions=FLAGS.regions)
   print("\n" + markdown(res))
-  print(f"wrote {FLAGS.out}/bench.json, bench.md, bench.png in {time.perf_counter() - t0:.0f}s")
+  print(f"wrote {FLAGS.out}/bench.json, bench.md{', bench.png' if FLAGS.regions else ''} in "
+        f"{time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-r"""Converts a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER) for our encoder.
+r"""Converts a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER; ViLT, BLIP) for our models.
 
-  python -m rerank.convert --family={bert,oscar,m3p,uniter} --src=DIR --dst=DIR [--tokenizer=DIR]
+  python -m rerank.convert --family={bert,oscar,m3p,uniter,vilt,blip} --src=DIR --dst=DIR [--tokenizer=DIR]
       [--model_config=FILE] [--lower_case=auto|true|false]
+
+vilt: a transformers ViltModel / ViltForImageAndTextRetrieval directory (its retrieval head
+becomes the CE head; preprocessor_config.json becomes model.json's "image").
 
 Writes DST/model.json (family, encoder config, special token ids, what was loaded, ignored
 or freshly initialised), DST/params (orbax) and DST/tokenizer. Training starts from it with
@@ -14,14 +17,13 @@ from absl import flags
 
 from rerank import cli
 from rerank.models import convert as convert_lib
-from rerank.models import families
 from rerank.models import pretrained
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  families_list = ", ".join(families.FAMILIES)
+  families_list = ", ".join(convert_lib.ALL_FAMILIES)
   flags.DEFINE_string("family", None, f"Checkpoint family: one of {families_list}.")
   flags.DEFINE_string("src", None, "Checkpoint directory (config.json + weights) or weights file.")
   flags.DEFINE_string("dst", None, "Output directory (must not exist yet).")

@@ -11,6 +11,10 @@ checkpoint in DIR; a finished run only re-evaluates. SIGTERM (a preemption notic
 checkpoint at the current step and exits 0. A NaN or inf loss stops the run with an error
 naming the step and the losses.
 
+Test hook: RERANK_TEST_PAUSE="STEP:PATH" (tests/test_preemption.py; unset in real runs) makes
+the loop, right after running step STEP, create PATH.paused and wait until PATH exists, so a
+test can signal or kill the run at a known step.
+
 The same command runs on 1 device, many devices, and many processes (launch/*.sh): the mesh
 and parameter layout come from `config.mesh` and `config.rules` (rerank/training/sharding.py),
 and multi-host jobs are detected by rerank/training/distributed.py.
@@ -153,6 +157,7 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
     # in between); each of those checks the losses first, so a NaN never becomes a logged
     # dev score, a best checkpoint or a checkpoint to resume from.
     total, mined = config.total_steps, None
+    pause = _pause_hook()
     t_last, s_last, checked = time.perf_counter(), start, start
 
     def make_batch(step, mined):
@@ -180,6 +185,8 @@ def _train_and_evaluate(config, workdir: str, stop_after: int) -> dict | None:
           log(f"step {step}: mined {hn.top} BE negatives for {len(mined)} captions "
               f"({time.perf_counter() - t0:.1f}s)")
         state, step_metrics = train_step(state, feed(step, mined))
+        if pause is not None and step == pause[0]:
+          _pause(pause[1])
 
         is_log = step % config.log_every == 0 or step == total
         is_eval = bool(config.eval_every) and (step % config.eval_every == 0 or step == total)
@@ -253,6 +260,23 @@ def _make_workdir(path: str) -> None:
     paths.remove(probe)
   except OSError as e:
     raise validate.ConfigError(f"cannot create or write workdir {path!r}: {e.strerror or e}") from e
+
+
+def _pause_hook() -> tuple[int, str] | None:
+  """(STEP, PATH) of the test hook RERANK_TEST_PAUSE="STEP:PATH" (module docstring), or None."""
+  value = os.environ.get("RERANK_TEST_PAUSE", "")
+  if not value:
+    return None
+  step, _, path = value.partition(":")
+  return int(step), path
+
+
+def _pause(path: str) -> None:
+  """Creates path.paused and waits for path (the test hook); a SIGTERM meanwhile is noted."""
+  with open(path + ".paused", "w"):
+    pass
+  while not os.path.exists(path):
+    time.sleep(0.01)
 
 
 def _restore(ckpts, state, workdir: str, step: int):

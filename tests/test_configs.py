@@ -1,4 +1,5 @@
-"""Every config file builds, configs import as a package, and each setting has one home."""
+"""Every config file builds, configs import as a package, each setting has one home, and a paper
+row's smoke variant (runlocal) keeps what sets the row apart."""
 
 import glob
 import importlib
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from rerank.models import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(os.path.relpath(p, REPO) for p in
@@ -66,3 +69,58 @@ def test_config_flag_loads_a_paper_config_by_path_from_another_directory(tmp_pat
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout.split() == ["joint_alternate", "3", "0.5", "2"]
+
+
+PAPER = [f for f in FILES if f.startswith(os.path.join("configs", "paper", ""))]
+# What sets a paper row apart from the others; its smoke variant must keep each of them, so
+# that smoke-training multi30k_joint, coco_joint and flickr30k_joint trains three models.
+DISTINGUISHING = ("mode", "lr", "model.visual", "model.order", "model.dtype", "dataset.language",
+                  "loss.be", "loss.ce", "hard_negatives.ce_prob", "hard_negatives.be_negatives",
+                  "hard_negatives.index", "hard_negatives.temperature", "eval.fusion",
+                  "eval.fusion_weight")
+
+
+def _field(c, dotted):
+  for key in dotted.split("."):
+    c = c[key]
+  return c
+
+
+def _signature(c):
+  return tuple(_field(c, f) for f in DISTINGUISHING) + (bool(c.hard_negatives.every),)
+
+
+@pytest.mark.parametrize("rel", PAPER)
+@pytest.mark.parametrize("arg", ["", "lang=de"])
+def test_smoke_variant_keeps_the_rows_distinguishing_settings(rel, arg):
+  full = _module(rel).get_config(arg or None)
+  smoke = _module(rel).get_config(",".join(filter(None, ["runlocal", arg])))
+  assert {f: _field(smoke, f) for f in DISTINGUISHING} == {f: _field(full, f) for f in DISTINGUISHING}
+  assert bool(smoke.hard_negatives.every) == bool(full.hard_negatives.every)
+  assert smoke.model.dtype == "bfloat16" and smoke.dataset.language == (arg and "de")
+  # M3P's layout in full, as the smoke model has no checkpoint to take it from.
+  m3p = full.model.visual == "m3p"
+  assert (smoke.model.positions, smoke.model.type_vocab_size) == (
+      ("sequence", 0) if m3p else ("text", 2))
+  # The model a smoke run builds has that layout and dtype (nothing drops a field on the way).
+  cfg = build.build_model(smoke, cls_token_id=1, vocab_size=50).cfg
+  assert (cfg.visual, cfg.order, cfg.positions, cfg.dtype, cfg.type_vocab_size) == (
+      smoke.model.visual, smoke.model.order, smoke.model.positions, "bfloat16",
+      smoke.model.type_vocab_size)
+  # Still a smoke run: the demo's tiny model and inputs, 2 steps, generated data.
+  assert (smoke.model.hidden_size, smoke.model.num_layers, smoke.total_steps) == (64, 2, 2)
+  assert (smoke.max_text_len, smoke.max_regions) == (40, 4)
+  assert smoke.dataset.name == "synthetic_scenes" and not smoke.init_from
+
+
+def test_smoke_variants_differ_where_their_rows_do():
+  full = {rel: _signature(_module(rel).get_config()) for rel in PAPER}
+  smoke = {rel: _signature(_module(rel).get_config("runlocal")) for rel in PAPER}
+  assert smoke == full
+  layouts = {}
+  for name in ("multi30k_joint", "coco_joint", "flickr30k_joint"):
+    m = _module(os.path.join("configs", "paper", f"{name}.py")).get_config("runlocal").model
+    layouts[name] = (m.visual, m.order, m.positions, m.type_vocab_size, m.dtype)
+  assert layouts == {"multi30k_joint": ("m3p", "image_first", "sequence", 0, "bfloat16"),
+                     "coco_joint": ("oscar", "text_first", "text", 2, "bfloat16"),
+                     "flickr30k_joint": ("oscar", "text_first", "text", 2, "bfloat16")}

@@ -3,7 +3,8 @@
 The torch tests build tiny random HF models here and save them with `save_pretrained`
 (safetensors) and as a torch `.bin`; they skip without torch unless RERANK_REQUIRE_OPTIONAL
 is set (CI), where they fail instead. OSCAR / M3P / UNITER use hand-made state dicts in each
-family's key layout and a numpy forward pass written from the authors' code.
+family's key layout and a numpy forward pass written from the authors' code; one of them is
+converted by `python -m rerank.convert` with torch unimportable (safetensors needs no torch).
 """
 
 import json
@@ -304,9 +305,8 @@ def _check(tree, cfg, ref_hidden, ref_pooled, ids, tmask, regions, rmask):
   np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("use_ln", [False, True])
-def test_oscar_layout_matches_numpy_reference(tmp_path, use_ln):
-  rng = np.random.default_rng(0)
+def _oscar_source(src, rng, use_ln: bool) -> dict:
+  """An OSCAR checkpoint directory (safetensors, config.json, vocab.txt) at `src`; its state."""
   shapes = {**_bert_shapes("bert.", len(BERT_VOCAB)), "bert.img_embedding.weight": (H, 2054),
             "bert.img_embedding.bias": (H,), "classifier.weight": (2, H), "classifier.bias": (2,)}
   if use_ln:
@@ -314,9 +314,12 @@ def test_oscar_layout_matches_numpy_reference(tmp_path, use_ln):
   sd = _random_state(shapes, rng)
   config = _bert_config(img_feature_dim=2054, img_feature_type="faster_r-cnn", use_img_layernorm=int(use_ln),
                         img_layer_norm_eps=1e-5)
-  _write(str(tmp_path / "src"), sd, config)
-  meta = convert_lib.convert("oscar", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
-  assert meta["report"]["ignored"] == {"classifier.weight": 1, "classifier.bias": 1} and not meta["report"]["fresh"]
+  _write(src, sd, config)
+  return sd
+
+
+def _check_oscar(dst, meta, sd, rng, use_ln: bool):
+  """The converted encoder at `dst` against a numpy forward pass of the OSCAR state `sd`."""
   ids, tmask, regions, rmask = _inputs(rng)
   sd64 = {k: v.astype(np.float64) for k, v in sd.items()}
   img = _lin(regions.astype(np.float64), sd64, "bert.img_embedding")  # Linear(2054 -> H) on [f, box]
@@ -326,8 +329,69 @@ def test_oscar_layout_matches_numpy_reference(tmp_path, use_ln):
   mask = np.concatenate([tmask, rmask], 1)
   ref = _np_layers(x, mask, {k[5:]: v for k, v in sd64.items() if k.startswith("bert.")}, BERT_NAMES)
   pooled = np.tanh(_lin(ref[:, 0], sd64, "bert.pooler.dense"))
-  _check(pretrained.load_encoder_params(str(tmp_path / "dst")), pretrained.encoder_config(meta), ref, pooled,
+  _check(pretrained.load_encoder_params(dst), pretrained.encoder_config(meta), ref, pooled,
          ids, tmask, regions, rmask)
+
+
+@pytest.mark.parametrize("use_ln", [False, True])
+def test_oscar_layout_matches_numpy_reference(tmp_path, use_ln):
+  rng = np.random.default_rng(0)
+  sd = _oscar_source(str(tmp_path / "src"), rng, use_ln)
+  meta = convert_lib.convert("oscar", str(tmp_path / "src"), str(tmp_path / "dst"), log=lambda *_: None)
+  assert meta["report"]["ignored"] == {"classifier.weight": 1, "classifier.bias": 1} and not meta["report"]["fresh"]
+  _check_oscar(str(tmp_path / "dst"), meta, sd, rng, use_ln)
+
+
+# `python -m rerank.convert` as on a machine without torch: the path finder no longer finds it
+# (import torch raises ModuleNotFoundError and find_spec says None, as when it is not installed).
+_WITHOUT_TORCH = """
+import importlib.machinery, runpy, sys
+
+class _NoTorch(importlib.machinery.PathFinder):
+  @classmethod
+  def find_spec(cls, name, path=None, target=None):
+    if name == "torch" or name.startswith("torch."):
+      return None
+    return super().find_spec(name, path, target)
+
+sys.meta_path[:] = [_NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+assert "torch" not in sys.modules
+try:
+  import torch
+  sys.exit("torch is still importable")
+except ImportError:
+  pass
+sys.argv = ["rerank.convert"] + sys.argv[1:]
+try:
+  runpy.run_module("rerank.convert", run_name="__main__", alter_sys=True)
+finally:
+  print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+def test_safetensors_conversion_needs_no_torch(tmp_path):
+  rng = np.random.default_rng(0)
+  sd = _oscar_source(str(tmp_path / "src"), rng, use_ln=True)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--family=oscar",
+                         f"--src={tmp_path / 'src'}", f"--dst={tmp_path / 'dst'}"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "torch loaded: False" in proc.stdout
+  meta = pretrained.read_meta(str(tmp_path / "dst"))
+  assert meta["report"]["ignored"] == {"classifier.weight": 1, "classifier.bias": 1}
+  _check_oscar(str(tmp_path / "dst"), meta, sd, rng, use_ln=True)
+  # A torch file there is one line saying what to install or convert, not a traceback.
+  shutil.copytree(tmp_path / "src", tmp_path / "bin")
+  os.remove(tmp_path / "bin" / "model.safetensors")
+  (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"never read")
+  proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--family=oscar",
+                         f"--src={tmp_path / 'bin'}", f"--dst={tmp_path / 'dst2'}"],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.startswith("error: ") and "needs torch" in proc.stderr
+  assert ".safetensors" in proc.stderr and not os.path.exists(tmp_path / "dst2")
 
 
 def test_uniter_layout_matches_numpy_reference(tmp_path):

@@ -9,8 +9,6 @@ import pytest
 
 from rerank.evaluation import evaluator
 from rerank.indexing import indexes
-from rerank.evaluation import metrics
-from rerank.indexing import ranking
 
 
 def _unit(x):
@@ -23,17 +21,42 @@ def _clustered(n, d, centers=50, spread=0.3, seed=0):
   return _unit(c[rng.integers(0, centers, n)] + spread * rng.normal(size=(n, d)))
 
 
+def _top_k_written_out(queries, corpus, k):
+  """The reference, independent of rerank.indexing: every dot product in a Python loop, then
+  a sort by (score descending, id ascending). Returns (ids [Q, k], scores [Q, k])."""
+  ids, scores = [], []
+  for q in np.asarray(queries, np.float64):
+    s = [float(sum(a * b for a, b in zip(q, c))) for c in np.asarray(corpus, np.float64)]
+    order = sorted(range(len(s)), key=lambda j: (-s[j], j))[:k]
+    ids.append(order)
+    scores.append([s[j] for j in order])
+  return np.array(ids, np.int64), np.array(scores)
+
+
 def test_exact_equals_brute_force_ranking_with_ties():
+  # Small integer coordinates: every dot product is exact in float32 and float64, and ties are
+  # everywhere, also straddling the k-th place (argpartition's boundary case).
   rng = np.random.default_rng(0)
+  corpus = rng.integers(-2, 3, (300, 4)).astype(np.float32)
+  queries = rng.integers(-2, 3, (40, 4)).astype(np.float32)
+  for k in (1, 7, 25, 300):
+    ids, scores = indexes.ExactIndex(corpus).search(queries, k)
+    want_ids, want_scores = _top_k_written_out(queries, corpus, k)
+    np.testing.assert_array_equal(ids, want_ids, err_msg=f"k={k}")
+    np.testing.assert_array_equal(scores, want_scores, err_msg=f"k={k}")
+  # Unit vectors with an exact duplicate: the tie goes to the lower id.
   corpus = _unit(rng.normal(size=(300, 16)))
-  corpus[10] = corpus[200]  # exact duplicates: the tie must go to the lower id
+  corpus[10] = corpus[200]
   queries = _unit(rng.normal(size=(40, 16)))
   queries[0] = corpus[200]
   ids, scores = indexes.ExactIndex(corpus).search(queries, 25)
-  want = ranking.ranking_from_scores(queries @ corpus.T, 25)
-  np.testing.assert_array_equal(ids, want)
-  np.testing.assert_array_equal(scores, np.take_along_axis(queries @ corpus.T, want, 1))
+  want_ids, want_scores = _top_k_written_out(queries, corpus, 25)
+  np.testing.assert_allclose(scores, want_scores, atol=1e-5)
   assert ids[0, 0] == 10 and ids[0, 1] == 200
+  gaps = np.diff(-want_scores, axis=1)  # away from float32 near-ties the order is the same
+  clear = np.concatenate([gaps > 1e-5, np.ones((len(gaps), 1), bool)], 1) & np.concatenate(
+      [np.ones((len(gaps), 1), bool), gaps > 1e-5], 1)
+  np.testing.assert_array_equal(ids[clear], want_ids[clear])
 
 
 def test_jax_backend_matches_exact():
@@ -151,17 +174,30 @@ def _fake_data(n_img=60, per=3, seed=0):
   return _FakeScorer(img, txt), data, img, txt
 
 
+def _recalls_written_out(sims, relevant, ks=(1, 5, 10)):
+  """R@k (percent) from full score rows: a query's rank is the number of candidates scoring
+  above its best relevant one, plus the non-relevant ones tying with it (ties count against)."""
+  hits = dict.fromkeys(ks, 0)
+  for s, rel in zip(sims.tolist(), relevant.tolist()):
+    best = max(v for v, r in zip(s, rel) if r)
+    rank = sum(1 for v, r in zip(s, rel) if v > best or (v == best and not r))
+    for k in ks:
+      hits[k] += rank < k
+  return {f"R@{k}": 100.0 * hits[k] / len(sims) for k in ks}
+
+
 def test_evaluate_with_exact_index_equals_plain_brute_force():
   scorer, data, img, txt = _fake_data()
   cfg = ml_collections.ConfigDict(dict(k=20, index="exact"))
   row = evaluator.evaluate(scorer, data, "be", cfg, methods=("BE",), log=lambda *_: None)[0]
-  # The evaluation as it was before index backends: rank by the full score matrix.
+  # The reference, written out over the full score matrix (no rerank.indexing / metrics code).
   rel = data.image_ids[data.caption_image][:, None] == data.image_ids[None, :]
-  t2i = metrics.first_hit_ranks(ranking.ranking_from_scores(txt @ img.T, 20), rel)
-  i2t = metrics.first_hit_ranks(ranking.ranking_from_scores(img @ txt.T, 20), rel.T)
-  want = metrics.summarise(metrics.recall_at_k(t2i), metrics.recall_at_k(i2t))
-  for key in ("t2i", "i2t", "mR", "rsum"):
-    assert row[key] == want[key]
+  t2i, i2t = _recalls_written_out(txt @ img.T, rel), _recalls_written_out(img @ txt.T, rel.T)
+  six = [d[f"R@{k}"] for d in (t2i, i2t) for k in (1, 5, 10)]
+  for key, want in (("t2i", t2i), ("i2t", i2t)):
+    assert row[key] == pytest.approx(want), key
+  assert row["mR"] == pytest.approx(sum(six) / 6) and row["rsum"] == pytest.approx(sum(six))
+  assert 0 < row["t2i"]["R@1"] < row["t2i"]["R@10"] < 100  # a test set that tells them apart
   # Without the field (older configs) the first stage is the same exact search.
   old = evaluator.evaluate(scorer, data, "be", ml_collections.ConfigDict(dict(k=20)),
                           methods=("BE",), log=lambda *_: None)[0]

@@ -1,7 +1,8 @@
-"""Multi-host: 2 processes x 4 CPU devices (launch/local_multiprocess.sh) = the 1-device step."""
+"""Multi-host: 2 processes x 4 CPU devices (launch/local_multiprocess.sh) = the 1-device steps."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,14 +13,28 @@ import step_worker  # noqa: E402
 LAUNCH = os.path.join(REPO, "launch", "local_multiprocess.sh")
 
 
-def test_two_processes_of_four_devices_equal_one_device(tmp_path):
+def _launch(args, timeout, **kwargs) -> subprocess.CompletedProcess:
+  """Runs the launcher in a process group of its own: on a timeout the group (the launcher and
+  every process it started) is killed, not the launcher alone."""
+  proc = subprocess.Popen([LAUNCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True, **kwargs)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    raise
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_two_processes_of_four_devices_equal_one_device(tmp_path, tmp_path_factory):
   out = str(tmp_path)
   # fsdp + tp: parameters split over both mesh axes, the data axis across the two processes.
-  env = dict(os.environ, RERANK_LOG_DIR=out, PYTHONPATH=REPO, **step_worker.JAX_CACHE)
+  env = dict(os.environ, RERANK_LOG_DIR=out, PYTHONPATH=REPO,
+             **step_worker.cache_env(tmp_path_factory))
   env.pop("XLA_FLAGS", None)
-  r = subprocess.run([LAUNCH, "2", sys.executable, os.path.join(REPO, "tests", "step_worker.py"),
-                      f"--out={out}", "--layouts=fsdp_tp"], env=env, cwd=REPO,
-                     capture_output=True, text=True, timeout=600)
+  r = _launch(["2", sys.executable, os.path.join(REPO, "tests", "step_worker.py"), f"--out={out}",
+               "--layouts=fsdp_tp"], timeout=600, env=env, cwd=REPO)
   other = open(os.path.join(out, "rerank_proc1.log")).read() if os.path.exists(
       os.path.join(out, "rerank_proc1.log")) else ""
   assert r.returncode == 0, r.stderr[-2000:] + other[-2000:]
@@ -32,12 +47,13 @@ def test_two_processes_of_four_devices_equal_one_device(tmp_path):
   # The reference: the same step on this test process's first device.
   ref = step_worker.build_step()
   step_worker.run_layout("ref", *ref, out)
+  step_worker.assert_trained(out, "ref")
   step_worker.assert_same_step(out, "fsdp_tp")
 
 
-def test_launcher_usage_error():
-  r = subprocess.run([LAUNCH, "two", "true"], capture_output=True, text=True)
+def test_launcher_usage_error(tmp_path):
+  r = _launch(["two", "true"], timeout=60)
   assert r.returncode == 2 and "usage" in r.stderr
-  r = subprocess.run([LAUNCH, "2", "sh", "-c", 'exit "$RERANK_PROCESS_ID"'], capture_output=True,
-                     text=True, env=dict(os.environ, RERANK_LOG_DIR="/tmp"))
+  r = _launch(["2", "sh", "-c", 'exit "$RERANK_PROCESS_ID"'], timeout=60,
+              env=dict(os.environ, RERANK_LOG_DIR=str(tmp_path)))
   assert r.returncode == 1  # process 1 failed: the launcher reports it

@@ -149,6 +149,19 @@ COMMANDS = {
     'sphere" --k=20 --rerank': Run(
         'python -m rerank.search --index={index} --query="a red metal cube left of a sphere" '
         "--k=20 --rerank", "the `:runlocal` index", says="a red metal cube left of a sphere"),
+    # Search a folder of photos
+    "python -m rerank.convert --family=blip --src=HF_DIR --dst=blip_conv": Covered(
+        "tests/test_blip.py::test_itc_and_itm_match_transformers", "its `hf` fixture converts a "
+        "tiny random BlipForImageTextRetrieval with this command"),
+    "python -m rerank.index --checkpoint=blip_conv --images=PHOTOS/ --out=INDEX": Covered(
+        "tests/test_folder_search.py::test_index_skips_and_reports_unreadable_files",
+        "a tiny trained ViLT, converted-checkpoint layout, over a folder of drawn photos"),
+    'python -m rerank.search --index=INDEX --query="a dog catching a frisbee on the beach" --k=20 '
+    "--rerank": Covered("tests/test_folder_search.py::test_search_command_prints_the_file",
+                        "that folder index, --k=3"),
+    "python -m rerank.bench --out=workdirs/bench_pixels --pixels=blip,vilt --noregions": Covered(
+        "tests/test_folder_search.py::test_pixel_bench_times_ce_k_with_and_without_the_cache",
+        "pixel_costs.measure at --pixel_model=tiny, what --pixels runs"),
     # Benchmark
     "python -m rerank.bench --out=workdirs/bench --quick": Covered(
         "tests/test_bench.py::test_bench_cli_writes_table_json_and_plot",

@@ -14,7 +14,6 @@ from rerank.models import build
 
 from rerank.training import checkpoints
 from rerank.indexing import indexes
-from rerank.indexing import ranking
 from rerank.inference import engine
 from rerank.inference import reranker
 from rerank.inference import retriever
@@ -74,7 +73,10 @@ def test_rerank_fn_orders_by_ce_and_never_recompiles(built):
     be = np.sort(rng.random((q, 10)).astype(np.float32), axis=1)[:, ::-1]
     out = rr(params, pairs, be_ids, be)
     ce = scorer.pairs(data, np.repeat(np.arange(q), k), be_ids[:, :k].reshape(-1)).reshape(q, k)
-    np.testing.assert_array_equal(out["ids"], ranking.rerank_topk(be_ids, ce))
+    # Written out: the top k by CE, descending, ties in BE order; the rest as the BE left them.
+    want = [[row[j] for j in sorted(range(k), key=lambda j, c=c: (-c[j], j))] + list(row[k:])
+            for row, c in zip(be_ids.tolist(), ce.tolist())]
+    np.testing.assert_array_equal(out["ids"], want)
     np.testing.assert_allclose(out["ce"][:, :k], -np.sort(-ce, axis=1), atol=1e-4)
     np.testing.assert_array_equal(out["be"][:, k:], be[:, k:])
     assert np.isnan(out["ce"][:, k:]).all()

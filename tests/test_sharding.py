@@ -1,4 +1,5 @@
-"""Sharding: one step on 8 devices under dp / fsdp / tp equals the 1-device step; rules and mesh."""
+"""Sharding: 3 training steps on 8 devices under dp / fsdp / tp equal the 1-device steps
+(parameters and Adam moments); rules and mesh."""
 
 import json
 import os
@@ -20,7 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from configs import demo  # noqa: E402
-from step_worker import JAX_CACHE, assert_same_step  # noqa: E402
+from step_worker import (assert_same_leaves, assert_same_step, assert_trained,  # noqa: E402
+                         cache_env, flat)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -28,7 +30,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("layouts"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **JAX_CACHE,
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **cache_env(tmp_path_factory),
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   r = subprocess.run([sys.executable, os.path.join(REPO, "tests", "step_worker.py"),
                       f"--out={out}", "--layouts=ref,dp,fsdp,tp"], env=env, cwd=REPO,
@@ -45,7 +47,7 @@ def eight_devices(tmp_path_factory):
     ("tp", {"data": 4, "model": 2}, {"intermediate": [None, "model"], "query": [None, "model", None],
                                      "word_embeddings": [None, None]}),
 ])
-def test_one_step_on_8_devices_equals_1_device(eight_devices, layout, mesh, specs):
+def test_steps_on_8_devices_equal_1_device(eight_devices, layout, mesh, specs):
   with open(os.path.join(eight_devices, f"{layout}.json")) as f:
     info = json.load(f)
   assert info["devices"] == 8 and info["mesh"] == mesh
@@ -62,6 +64,7 @@ def test_one_step_on_8_devices_equals_1_device(eight_devices, layout, mesh, spec
   assert {"dp": share == 1, "fsdp": 1 / 8 <= share < 0.2, "tp": 0.5 < share < 1}[layout], share
   assert len(info["log"]) == 1, info["log"]  # the presets fit the tiny model: nothing falls back
   assert info["log"][0].startswith("layout: params ") and info["log"][0].endswith(f"rules {layout}")
+  assert_trained(eight_devices)  # the reference moved: equal parameters are not initial ones
   assert_same_step(eight_devices, layout)
 
 
@@ -113,10 +116,10 @@ def _ce_setup(**model_overrides):
   return config, tok, batch
 
 
-def _step(config, tok, batch):
+def _step(config, tok, batch, state):
+  """(state, metrics) after one jitted step of `config` from `state`."""
   model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
   tx = steps.optimizer(config)
-  state = steps.init_train_state(model, config, tx, jax.random.PRNGKey(0))
   return jax.jit(steps.make_train_step(model, config, tx))(state, batch)
 
 
@@ -124,17 +127,26 @@ def test_gradient_accumulation_and_remat_match_the_plain_step():
   # CE loss is a mean over pairs, so 2 micro-batches of B/2 pairs give the full-batch gradient
   # (dropout off: micro-batches draw their own dropout masks). Remat recomputes, same numbers.
   config, tok, batch = _ce_setup(dropout_rate=0.0, attention_dropout_rate=0.0, head_dropout=0.0)
-  s1, m1 = _step(config, tok, batch)
+  config.warmup_steps = 0  # runlocal's warm-up step has learning rate 0: nothing would move
+  model = build.build_model(config, tok.token_to_id("[CLS]"), tok.get_vocab_size())
+  # One initial state for all three (remat names no parameter differently), made by a jitted
+  # init: initialising op by op costs seconds per call on a CPU.
+  state = jax.jit(lambda: steps.init_train_state(model, config, steps.optimizer(config),
+                                                 jax.random.PRNGKey(0)))()
+  s1, m1 = _step(config, tok, batch, state)
   config.grad_accum = 2
-  s2, m2 = _step(config, tok, batch)
+  s2, m2 = _step(config, tok, batch, state)
   config.grad_accum = 1
   config.model.remat = True
-  s3, m3 = _step(config, tok, batch)
-  for state, m in ((s2, m2), (s3, m3)):
+  s3, m3 = _step(config, tok, batch, state)
+  leaves = lambda s: {**flat(s["params"], "params"), **flat(s["opt_state"], "opt")}  # noqa: E731
+  moved = max(np.abs(b - a).max() for a, b in zip(jax.tree_util.tree_leaves(state["params"]),
+                                                  jax.tree_util.tree_leaves(s1["params"])))
+  assert 0.9 * config.lr < moved < 1.2 * config.lr  # Adam's first step: lr * sign(gradient)
+  for name, s, m in (("grad_accum", s2, m2), ("remat", s3, m3)):
     np.testing.assert_allclose(m["loss"], m1["loss"], **TOL)
     np.testing.assert_allclose(m["grad_norm"], m1["grad_norm"], **TOL)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, **TOL),
-                           s1["params"], state["params"])
+    assert_same_leaves(leaves(s1), leaves(s), name)
   # The split keeps each positive with its negative: micro-batch i = rows i of both halves.
   micro = steps._microbatches({"ce": {"labels": np.arange(8)}}, 2)["ce"]["labels"]
   np.testing.assert_array_equal(micro, [[0, 1, 4, 5], [2, 3, 6, 7]])

@@ -4,7 +4,6 @@ rendered images."""
 import dataclasses
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -233,14 +232,18 @@ def test_unknown_split_and_bad_arguments():
     ss.generate("test", num_images=8, max_objects=10)
 
 
-def test_region_features_is_fast():
+def test_region_features_build_the_detector_tables_once():
+  # What keeps region_features cheap (a gather, no per-call table build); no timing here:
+  # speed belongs to benchmarks, not to unit tests on a shared machine.
   s = ss.generate("test", num_images=256)
   rows = np.arange(256)
-  s.region_features(rows)  # builds the detector tables once
-  start = time.perf_counter()
-  for _ in range(10):
-    s.region_features(rows)
-  assert (time.perf_counter() - start) / 10 < 0.05  # ~2-4 ms here; loose for busy machines
+  first = s.region_features(rows)  # builds the detector tables once
+  built = ss._detector.cache_info().misses  # pylint: disable=protected-access
+  for _ in range(3):
+    again = s.region_features(rows)
+    np.testing.assert_array_equal(again[0], first[0])
+  assert ss._detector.cache_info().misses == built  # pylint: disable=protected-access
+
 
 
 # ---------------------------------------------------------------- rendered images

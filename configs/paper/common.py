@@ -23,7 +23,8 @@ from rerank.evaluation import paper_tables
 def parse_arg(arg: str | None, dataset: str) -> ml_collections.ConfigDict:
   """Arguments after the config file's colon, comma separated.
 
-  `runlocal`: synthetic_scenes, tiny model, 2 steps, no weights or data (a smoke run);
+  `runlocal`: synthetic_scenes, tiny model, 2 steps, no weights or data (a smoke run that keeps
+  the row's model layout, dtype, mode, losses and language);
   `data_dir=DIR` (default data/tfds); `init_from=DIR` (default the converted checkpoint);
   `split=NAME` (evaluation split; COCO: test, test1k, test@5x1k); `k=N` (rerank depth, default
   the row's); `lang=L` (Multi30k: captions of one language).
@@ -34,9 +35,26 @@ def parse_arg(arg: str | None, dataset: str) -> ml_collections.ConfigDict:
                           split=split, k=0, lang="")
 
 
+# What sets the rows' models apart, kept by the smoke runs: M3P (Multi30k) reads regions first,
+# OSCAR (COCO, Flickr30k) text first; all train in bfloat16 (float32 master weights).
+DTYPE = "bfloat16"
+LAYOUTS = {"m3p": dict(visual="m3p", order="image_first"),
+           "oscar": dict(visual="oscar", order="text_first")}
+# A smoke run has no checkpoint to supply the architecture, so it also states M3P's position
+# embedding over the whole joint sequence and its lack of token types.
+SMOKE_LAYOUTS = {"m3p": dict(LAYOUTS["m3p"], positions="sequence", type_vocab_size=0),
+                 "oscar": dict(LAYOUTS["oscar"], positions="text")}
+
+
+def family(dataset: str) -> str:
+  """The pretrained model family of a paper dataset's rows: m3p (Multi30k) or oscar."""
+  return "m3p" if dataset == "multi30k" else "oscar"
+
+
 def base(arg: str | None, dataset: str):
   """(config, parsed arguments): the shared settings for a row on `dataset` (coco, flickr30k,
-  multi30k); with `runlocal`, the demo's tiny synthetic run instead of the data and model."""
+  multi30k); with `runlocal`, the demo's tiny synthetic run instead of the data and model, with
+  the row's model layout, dtype and language."""
   if dataset not in paper_tables.DATASETS:
     raise ValueError(f"paper dataset {dataset!r} unknown; expected one of "
                      f"{sorted(paper_tables.DATASETS)}")
@@ -49,10 +67,15 @@ def base(arg: str | None, dataset: str):
   c.adam_eps = 1e-6
   c.clip_norm = 1.0
   c.loss.margin = 0.1  # VSE++ margin
-  if arg.runlocal:
+  # Multi30k: evaluation in one language (`lang=en|de|fr|cs`; it also filters training captions,
+  # so train with lang unset, then evaluate per language, see docs/REPRODUCE.md). A smoke run
+  # records it too (synthetic_scenes captions are all English: nothing is filtered).
+  c.dataset.language = arg.lang
+  m3p = family(dataset) == "m3p"
+  if arg.runlocal:  # the demo's tiny model, in the row's layout and dtype
+    c.model.update(dtype=DTYPE, **SMOKE_LAYOUTS[family(dataset)])
     return c, arg
 
-  m3p = dataset == "multi30k"
   c.dataset.name = paper_tables.DATASETS[dataset][0]
   c.dataset.data_dir = arg.data_dir
   c.dataset.num_dev_images = 0  # the whole dev split (Flickr30k val, COCO minival) for model choice
@@ -60,11 +83,7 @@ def base(arg: str | None, dataset: str):
   c.max_text_len = 128 if m3p else 72  # M3P: up to 128 pieces; OSCAR: 70 wordpieces + 2 specials
   c.max_regions = 50
   # The checkpoint supplies the architecture; these record its layout and set mixed precision.
-  layout = dict(visual="m3p", order="image_first") if m3p else {}
-  c.model = common.model_config("base", dtype="bfloat16", **layout)
-  # Multi30k: evaluation in one language (`lang=en|de|fr|cs`; it also filters training captions,
-  # so train with lang unset, then evaluate per language, see docs/REPRODUCE.md).
-  c.dataset.language = arg.lang
+  c.model = common.model_config("base", dtype=DTYPE, **LAYOUTS[family(dataset)])
   c.log_every = 100
   c.checkpoint_every = 1000
   c.eval_every = 1000

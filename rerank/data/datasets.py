@@ -105,9 +105,18 @@ def get_tokenizer(config) -> tokenizers.Tokenizer:
   return prepared.bert_tokenizer(config.dataset.get("tokenizer", ""))
 
 
+def _family(config) -> str:
+  """config.model.family: "regions" (also when absent), "vilt" or "blip"."""
+  model = config.get("model") or {}
+  return model.get("family", "regions") if hasattr(model, "get") else "regions"
+
+
 def load_split(config, split: str, tokenizer, num_images=None):
   """Returns (RetrievalData, captions) of `split`; `num_images` shrinks it (None = full size)."""
   name = config.dataset.name
+  if config.dataset.get("data_dir") and _family(config) in ("vilt", "blip"):
+    return prepared.read_pixel_split(config, split, tokenizer, tokenize,
+                                     images.ImageSpec.from_dict(config.get("image")), num_images)
   if config.dataset.get("data_dir"):
     if name not in prepared.SOURCES:
       raise ValueError(f"config.dataset.name: expected one of {sorted(prepared.SOURCES)}; "

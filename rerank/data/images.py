@@ -209,19 +209,40 @@ def preprocess(images, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
   Images of another mode are first converted as `load_image` would. Padding is 0 after
   normalisation (as HF pads) and False in the mask; BLIP's mask is all True.
   """
+  return normalize([resize(im, spec) for im in images], spec)
+
+
+def resize(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+  """One PIL image -> its resized pixels uint8 [h, w, 3] (`spec.resized`), before padding."""
+  image = image if image.mode == "RGB" else to_rgb(image)
+  h, w = spec.resized(image.height, image.width)
+  return np.asarray(image.resize((w, h), resample=RESAMPLE[spec.resample]))
+
+
+def normalize(pixels: list, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
+  """Resized uint8 [h, w, 3] images (`resize`) -> (images [N, H, W, 3] float32, mask [N, H, W]
+  bool): rescaled, normalised and padded into the canvas."""
   height, width = spec.canvas
-  out = np.zeros((len(images), height, width, 3), np.float32)
-  mask = np.zeros((len(images), height, width), bool)
-  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-  for i, im in enumerate(images):
-    im = im if im.mode == "RGB" else to_rgb(im)
-    h, w = spec.resized(im.height, im.width)
-    pixels = np.asarray(im.resize((w, h), resample=RESAMPLE[spec.resample]))  # [h, w, 3] uint8
-    # float64 scaling then float32 normalisation: HF's order, hence its exact values
-    scaled = (pixels.astype(np.float64) * spec.rescale).astype(np.float32)
-    out[i, :h, :w] = (scaled - mean) / std
+  out = np.zeros((len(pixels), height, width, 3), np.float32)
+  mask = np.zeros((len(pixels), height, width), bool)
+  table = _value_table(spec)  # [3, 256]
+  for i, p in enumerate(pixels):
+    h, w = p.shape[:2]
+    for c in range(3):
+      out[i, :h, :w, c] = np.take(table[c], p[..., c])
     mask[i, :h, :w] = True
   return out, mask
+
+
+def _value_table(spec: ImageSpec) -> np.ndarray:
+  """[3, 256] float32: the normalised value of every uint8 level, per channel.
+
+  Float64 scaling, a float32 cast, then float32 normalisation: HF's order of operations, hence
+  its exact values, computed for 256 levels instead of for every pixel.
+  """
+  levels = (np.arange(256, dtype=np.float64) * spec.rescale).astype(np.float32)  # [256]
+  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+  return (levels[None, :] - mean[:, None]) / std[:, None]
 
 
 def preprocess_array(pixels: np.ndarray, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ index, truncated to the configured number of regions and zero-padded, so a 40 GB
 split needs no more RAM than a batch.
 """
 
+import concurrent.futures
 import os
 import threading
 
@@ -14,6 +15,7 @@ import tokenizers
 from tokenizers import normalizers, pre_tokenizers, processors
 
 from rerank.data import batches
+from rerank.data import images
 from rerank.data import tfds_builders
 from rerank.data.sources import SOURCES
 
@@ -98,6 +100,76 @@ def read_split(config, split: str, tokenizer, tokenize, num_images=None):
   data = batches.RetrievalData(
       token_ids=token_ids, text_mask=mask, caption_image=caption_image,
       image_ids=numeric_ids(ids), region_features=RegionReader(source, records, config.max_regions))
+  return data, captions
+
+
+class PixelReader:
+  """rows [B] -> (images [B, H, W, 3] float32, mask [B, H, W] bool): the stored image files of
+  the rows, decoded and preprocessed with `spec` (deterministic: no random augmentation).
+
+  `filenames[row]` is the file an image row came from (relative to the prepare's image
+  directory), so search results can name it.
+  """
+
+  def __init__(self, source, records: np.ndarray, spec: images.ImageSpec, filenames: list[str],
+               threads: int = 4):
+    self.source, self.records, self.spec, self.filenames = source, records, spec, filenames
+    self.threads = max(1, threads)
+    self._pool = None  # made on first use: constructing a reader stays free
+    # the previous call's resized uint8 pixels: a CE batch right after a BE batch re-reads them
+    self._last = {}
+    self._lock = threading.Lock()
+
+  def __call__(self, rows):
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    with self._lock:
+      last = self._last
+    missing = [int(r) for r in uniq if int(r) not in last]
+    got = dict(zip(missing, self._resized(missing)))
+    done = {int(r): last[int(r)] if int(r) in last else got[int(r)] for r in uniq}
+    with self._lock:
+      self._last = done
+    return images.normalize([done[int(uniq[j])] for j in inverse], self.spec)
+
+  def _resized(self, rows: list[int]) -> list[np.ndarray]:
+    """Resized pixels uint8 [h, w, 3] of image rows, decoded on a few threads (Pillow releases
+    the GIL while decoding and resizing)."""
+    if not rows:
+      return []
+    records = _get(self.source, [int(self.records[r]) for r in rows])
+
+    def one(args):
+      row, ex = args
+      return images.resize(images.load_image(ex["image"], self.filenames[row]), self.spec)
+
+    if self.threads == 1 or len(rows) == 1:
+      return [one(a) for a in zip(rows, records)]
+    with self._lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)
+    return list(self._pool.map(one, zip(rows, records)))
+
+
+def read_pixel_split(config, split: str, tokenizer, tokenize, spec: images.ImageSpec,
+                     num_images=None):
+  """(RetrievalData, captions) of a split prepared from image files; its `region_features` is a
+  `PixelReader` (the model's image input: preprocessed pixels and mask)."""
+  ds = config.dataset
+  split = "val" if split == "dev" else split  # the trainer's dev split; Karpathy's val
+  source, index = tfds_builders.open_split(ds.data_dir, ds.name, split, with_index=True)
+  if "filenames" not in index:
+    raise ValueError(f"config.dataset.name: {ds.data_dir}/{ds.name} holds region features, not "
+                     f"images; pixel families (config.model.family={config.model.family!r}) read "
+                     f"datasets prepared with python -m rerank.data.prepare --source=karpathy")
+  ids, captions, caption_image, records = read_captions(index, ds.get("language", ""), num_images)
+  if not captions:
+    raise ValueError(f"{ds.data_dir}/{ds.name} split {split!r}: no captions")
+  token_ids, mask = tokenize(tokenizer, captions, config.max_text_len)
+  filenames = [index["filenames"][r] for r in records]
+  data = batches.RetrievalData(
+      token_ids=token_ids, text_mask=mask, caption_image=caption_image,
+      image_ids=numeric_ids(ids), region_features=PixelReader(source, records, spec, filenames))
   return data, captions
 
 

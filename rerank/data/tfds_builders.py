@@ -9,7 +9,14 @@ One record per image, in the source's order (shuffling disabled: training order 
   image_size  [2] int32 (width, height) in pixels, (0, 0) where the release omits it
   captions    [C] text, with `languages` [C] text beside them
 metadata.json also holds each split's ids, captions and languages (the "index"), so readers
-get every caption without touching the features. A build writes under a temporary directory
+get every caption without touching the features.
+
+A pixel dataset (`pixels=True`: images from files, `sources.karpathy`) has instead of regions,
+boxes:
+  filename    text, the image's path relative to the source image directory
+  image       the encoded image file (JPEG / PNG bytes), decoded when read
+  image_size  [2] int32 (width, height) of the upright image
+and its index also lists `filenames`; metadata.json says "kind": "pixels". A build writes under a temporary directory
 next to the target and renames it into place only when every split succeeded, so a failed
 prepare leaves no dataset directory behind. The temporary directory's name carries its writer's
 host and pid (`.NAME-incomplete-HOST-PID-xxxx`), so the next build of NAME can tell the
@@ -42,6 +49,17 @@ def features(dtype: str) -> tfds.features.FeaturesDict:
       "regions": tfds.features.Tensor(shape=(None, common.REGION_DIM), dtype=DTYPES[dtype],
                                       encoding="bytes"),
       "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32, encoding="bytes"),
+      "image_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+      "captions": tfds.features.Sequence(tfds.features.Text()),
+      "languages": tfds.features.Sequence(tfds.features.Text()),
+  })
+
+
+def pixel_features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "image_id": tfds.features.Text(),
+      "filename": tfds.features.Text(),
+      "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # raw bytes, no codec here
       "image_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
       "captions": tfds.features.Sequence(tfds.features.Text()),
       "languages": tfds.features.Sequence(tfds.features.Text()),
@@ -111,15 +129,40 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return False
 
 
+class _PixelBuilder(_Builder, skip_registration=True):
+  """Encoded images and captions (`common.PixelImage` streams); `build(..., pixels=True)`."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=pixel_features(), disable_shuffling=True,
+                                 metadata=tfds.core.MetadataDict(kind="pixels"),
+                                 description=f"{self.name} encoded images and captions")
+
+  def _generate_examples(self, split=None):
+    for i, im in enumerate(self._splits[split]()):
+      if not self._first_record(im.image_id, split):
+        continue
+      self.captions[split] += len(im.captions)
+      index = self.info.metadata.setdefault("index", {}).setdefault(
+          split, {"image_ids": [], "captions": [], "languages": [], "filenames": []})
+      index["image_ids"].append(im.image_id)
+      index["captions"].append(list(im.captions))
+      index["languages"].append(list(im.languages))
+      index["filenames"].append(im.filename)
+      yield i, {"image_id": im.image_id, "filename": im.filename, "image": im.data,
+                "image_size": np.asarray(im.image_size, np.int32),
+                "captions": im.captions, "languages": im.languages}
+
+
 def dataset_dir(data_dir: str, name: str) -> str:
   return paths.join(data_dir, name, VERSION)  # local or gs://
 
 
 def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], data_dir: str,
           dtype: str, problems: common.Problems, overwrite: bool = False,
-          nested: dict[str, str] | None = None) -> dict:
+          nested: dict[str, str] | None = None, pixels: bool = False) -> dict:
   """Writes `data_dir/name/VERSION`; returns {split: {"images": n, "captions": m}}.
 
+  `splits` yield `common.Image`s, or with `pixels` `common.PixelImage`s (`dtype` unused).
   Raises FileExistsError if the dataset exists (unless `overwrite`); on any error nothing
   is left behind (the partial build lives in a temporary directory until it is complete).
   """
@@ -131,7 +174,8 @@ def build(name: str, splits: dict[str, Callable[[], Iterator[common.Image]]], da
   os.makedirs(data_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{name}-incomplete-{_owner()}-", dir=data_dir)
   try:
-    cls = type(_class_name(name), (_Builder,), {"name": name, "__module__": __name__},
+    base = _PixelBuilder if pixels else _Builder
+    cls = type(_class_name(name), (base,), {"name": name, "__module__": __name__},
                skip_registration=True)
     builder = cls(splits=splits, dtype=dtype, problems=problems, nested=nested, data_dir=tmp,
                   file_format="array_record")

@@ -518,9 +518,13 @@ def _read(path):
   return _KINDS[meta["kind"]]._load(path, meta)  # noqa: SLF001
 
 
-def save(index, path: str, identity: dict, arrays: dict | None = None) -> None:
+def save(index, path: str, identity: dict, arrays: dict | None = None,
+         texts: dict | None = None) -> None:
   """Writes index + `identity` (checkpoint, fingerprint, dim, ...) + extra arrays to `path`.
 
+  `arrays`: name -> array (a memmap too), saved as NAME.npy and returned by `load`. `texts`:
+  file name -> text, small files for people to read (e.g. the files a folder index skipped);
+  listed and checksummed in index.json like every file, never read back by `load`.
   Everything goes to a temporary sibling directory that is renamed into place at the end, so
   `path` never holds a half-written index; an existing index at `path` is replaced.
   """
@@ -534,6 +538,11 @@ def save(index, path: str, identity: dict, arrays: dict | None = None) -> None:
     meta["identity"] = identity
     for name, value in (arrays or {}).items():
       np.save(os.path.join(body, f"{name}.npy"), value)
+    for name, text in (texts or {}).items():
+      if os.path.basename(name) != name or name in (_META, ".", "..") or name.endswith(".npy"):
+        raise ValueError(f"texts: expected plain file names (not {_META}, not .npy); found {name!r}")
+      with open(os.path.join(body, name), "w", encoding="utf-8") as f:
+        f.write(text)
     meta["arrays"] = sorted(arrays or {})
     _write_meta(body, meta)
     old = None
@@ -565,8 +574,11 @@ def read_meta(path: str) -> dict:
   return meta
 
 
-def load(path: str, expect: dict | None = None):
+def load(path: str, expect: dict | None = None, mmap_arrays=()):
   """(index, meta, arrays) from `path`; every key of `expect` must equal the saved identity's.
+
+  The arrays named in `mmap_arrays` are memory-mapped (read-only) rather than read whole: a
+  folder index's cached image states can be far larger than memory.
 
   Raises:
     IndexMismatchError: the index was built from another checkpoint or embedding size.
@@ -579,7 +591,8 @@ def load(path: str, expect: dict | None = None):
           f"{path}: index built with {key}={saved.get(key)!r} but this model has {key}={want!r}; "
           f"rebuild it with python -m rerank.index --checkpoint=... --out={path}")
   index = _read(path)  # checks every file against index.json first
-  arrays = {name: _load_npy(os.path.join(path, f"{name}.npy")) for name in meta.get("arrays", [])}
+  arrays = {name: _load_npy(os.path.join(path, f"{name}.npy"), mmap=name in mmap_arrays)
+            for name in meta.get("arrays", [])}
   return index, meta, arrays
 
 

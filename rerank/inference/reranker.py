@@ -8,7 +8,8 @@ the reranked ones. It reranks exactly k candidates, also for k < 10 (the authors
 reranks max(k, 10)).
 `rerank.indexing.ranking.rerank_topk` is the NumPy reorder evaluation uses; `make_rerank_fn` /
 `Reranker` score and reorder with static shapes (search CLI, `Retriever`, benchmark), applying
-the model as the engine does (`engine.pair_logits`).
+the model as the engine does (`engine.pair_logits`), or, for a family that caches its image
+states with the index (BLIP), over the candidates' cached states (`image_cache.pair_logits`).
 """
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 
 from rerank.indexing import ranking
 from rerank.inference import engine
+from rerank.inference import image_cache
 
 
 # ------------------------------------------------------------------ jitted rerank, static shapes
@@ -24,7 +26,8 @@ from rerank.inference import engine
 FUSIONS = ranking.FUSIONS + tuple(ranking.FUSION_ALIASES) + ("mix",)
 
 
-def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5, weight: float = 0.0):
+def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5, weight: float = 0.0,
+                   from_states: bool = False):
   """ONE jitted function that scores [Q, k] (query, candidate) pairs and reorders them.
 
   Shapes are fixed by the caller (`Reranker` pads Q and k), so calls with the same k never
@@ -36,7 +39,8 @@ def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5, weight: float 
 
   The function: (params, token_ids [Q, k, L], text_mask [Q, k, L], regions [Q, k, R, F],
   region_mask [Q, k, R], cand_ids [Q, k], be_scores [Q, k], valid [Q, k]) ->
-  {"ids", "score", "ce", "be"} each [Q, k], best first.
+  {"ids", "score", "ce", "be"} each [Q, k], best first. With `from_states`, `regions` are the
+  candidates' cached image states [Q, k, P+1, Dv] and `region_mask` is not read.
   """
   if fusion not in FUSIONS:
     raise ValueError(f"rerank fusion: expected one of {FUSIONS}; found {fusion!r}")
@@ -48,8 +52,13 @@ def make_rerank_fn(model, fusion: str = "ce", alpha: float = 0.5, weight: float 
   def rerank_fn(params, token_ids, text_mask, regions, region_mask, cand_ids, be_scores, valid):
     q, k = cand_ids.shape
     flat = lambda x: x.reshape((q * k,) + x.shape[2:])  # noqa: E731
-    logits = engine.pair_logits(model, params, flat(token_ids), flat(text_mask), flat(regions),
-                                flat(region_mask)).reshape(q, k, 2)
+    if from_states:
+      logits = image_cache.pair_logits(model, params, flat(token_ids), flat(text_mask),
+                                       flat(regions))
+    else:
+      logits = engine.pair_logits(model, params, flat(token_ids), flat(text_mask), flat(regions),
+                                  flat(region_mask))
+    logits = logits.reshape(q, k, 2)
     ce = logits[..., 1]  # [Q, k] match logit
     if fusion == "mix":
       score = alpha * jax.nn.softmax(logits, axis=-1)[..., 1] + (1.0 - alpha) * be_scores
@@ -68,15 +77,16 @@ class Reranker:
   """Host side of `make_rerank_fn`: pads queries to `query_block` and candidates to k.
 
   `pair_inputs(query_rows, cand_ids [B, k]) -> (token_ids, text_mask, regions, region_mask)`
-  each [B, k, ...] builds the pair arrays for one block (the caller knows the direction).
+  each [B, k, ...] builds the pair arrays for one block (the caller knows the direction); with
+  `from_states`, regions are the candidates' cached image states (see `make_rerank_fn`).
   """
 
   def __init__(self, model, k: int, query_block: int = 8, fusion: str = "ce", alpha: float = 0.5,
-               weight: float = 0.0):
+               weight: float = 0.0, from_states: bool = False):
     if k < 1:
       raise ValueError(f"rerank k: expected >= 1; found {k}")
     self.k, self.query_block = k, query_block
-    self.fn = make_rerank_fn(model, fusion, alpha, weight)
+    self.fn = make_rerank_fn(model, fusion, alpha, weight, from_states)
 
   def __call__(self, params, pair_inputs, be_ids: np.ndarray, be_scores: np.ndarray):
     """Reranks the first k columns of a BE ranking; the rest keep their BE order behind them.

@@ -11,17 +11,30 @@ corpus and a fingerprint of its parameters; loading refuses a checkpoint whose p
 embedding size differ. The corpus is the image side of a dataset split; its region features
 are regenerated from the dataset (they feed the cross-encoder when reranking). Search's k
 defaults to the checkpoint config's `eval.k`; `config.search` holds the rerank fusion.
+
+An index of a folder of photos (`python -m rerank.index --images=PHOTOS`, a pixel model:
+a converted checkpoint or a training workdir) gives hits with "file" (the path relative to
+PHOTOS, as stored in the index) and "path" (absolute, under PHOTOS or the `images_dir` given
+to `load`, for a folder that moved) instead of an image id and caption. Reranking reads the k
+candidates from their files again, or, for a BLIP index, takes their cached image states
+(rerank/inference/image_cache.py; `load(..., use_image_cache=False)` reads the files instead).
 """
+
+import os
 
 import numpy as np
 
 from rerank import errors
 from rerank.data import datasets
+from rerank.data import image_folder
+from rerank.data import images as images_lib
 from rerank.indexing import indexes as index_lib
 from rerank.inference import engine as engine_lib
+from rerank.inference import image_cache
 from rerank.inference import reranker as rerank_lib
 
 _SEARCH_DEFAULTS = dict(fusion="ce", alpha=0.5, fusion_weight=0.0, query_block=8)
+_CONVERTED_K = 20  # search's default k with a converted checkpoint (no config.eval.k)
 
 
 def shorten(value, limit: int = 80) -> str:
@@ -50,16 +63,22 @@ def _check_image_ids(index_dir: str, identity: dict, saved, now) -> None:
 class Retriever:
   """BE retrieval over an index of a corpus' images, optionally reranked by the CE."""
 
-  def __init__(self, restored: engine_lib.Restored, corpus, captions, idx, meta: dict):
+  def __init__(self, restored: engine_lib.Restored, corpus, captions, idx, meta: dict,
+               image_states=None):
     self.m, self.corpus, self.captions, self.index, self.meta = restored, corpus, captions, idx, meta
-    cfg = restored.config
-    self.engine = restored.engine(cfg.eval.batch_size)  # unit embeddings, as evaluation's
-    search = cfg.get("search", {}) or {}
+    self.image_states = image_states  # [N, P+1, Dv] (a memmap) of a BLIP folder index, else None
+    self.folder = isinstance(corpus, image_folder.ImageFolder)
+    cfg = restored.config  # None for a converted checkpoint: the defaults below
+    self.engine = restored.engine(cfg.eval.batch_size if cfg is not None else 32)  # unit embeddings
+    search = (cfg.get("search", {}) if cfg is not None else {}) or {}
     # k has one home, config.eval.k; an old workdir's search.k is ignored.
-    self.k = cfg.eval.k
+    self.k = cfg.eval.k if cfg is not None else _CONVERTED_K
     self.fusion, self.alpha, self.fusion_weight, self.query_block = (
         search.get(name, default) for name, default in _SEARCH_DEFAULTS.items())
     self._rerankers = {}
+    if self.folder:
+      self.describe = list(corpus.files)
+      return
     # The first caption of each image, to show what an image is (features are not viewable).
     first = {}
     for t, row in enumerate(corpus.caption_image):
@@ -67,9 +86,19 @@ class Retriever:
     self.describe = [captions[first[i]] if i in first else "" for i in range(corpus.num_images)]
 
   @classmethod
-  def load(cls, index_dir: str, checkpoint_dir: str | None = None) -> "Retriever":
-    """The index in `index_dir` and the model it was built with (or `checkpoint_dir`, checked)."""
+  def load(cls, index_dir: str, checkpoint_dir: str | None = None, images_dir: str | None = None,
+           use_image_cache: bool = True) -> "Retriever":
+    """The index in `index_dir` and the model it was built with (or `checkpoint_dir`, checked).
+
+    A folder index reads its photos under `images_dir` (default: the folder it was built
+    from) and, with `use_image_cache`, reranks from its cached image states when it has them.
+    """
     identity = index_lib.read_meta(index_dir).get("identity", {})
+    if "images" in identity:
+      return cls._load_folder(index_dir, identity, checkpoint_dir, images_dir, use_image_cache)
+    if images_dir is not None:
+      raise errors.expected("images_dir", "an index of a folder of photos (rerank.index "
+                            "--images)", f"{index_dir}, an index of a dataset split")
     absent = [key for key in ("checkpoint", "dataset", "split") if not isinstance(identity.get(key), str)]
     if absent:
       raise index_lib.IndexFormatError(
@@ -88,6 +117,40 @@ class Retriever:
           f"now has {corpus.num_images} images; rebuild it with python -m rerank.index")
     _check_image_ids(index_dir, identity, arrays.get("image_ids"), corpus.image_ids)
     return cls(restored, corpus, captions, idx, meta)
+
+  @classmethod
+  def _load_folder(cls, index_dir, identity, checkpoint_dir, images_dir, use_image_cache):
+    meta_file = os.path.join(index_dir, "index.json")
+    if not isinstance(identity.get("checkpoint"), str) or not isinstance(identity["images"], str):
+      raise index_lib.IndexFormatError(f"{meta_file}: identity: expected the checkpoint and "
+                                       "images folder that python -m rerank.index records")
+    restored = engine_lib.restore(checkpoint_dir or identity["checkpoint"])
+    if restored.image is None:
+      raise index_lib.IndexMismatchError(f"{index_dir}: an index of photos, but "
+                                         f"{restored.path} is not a pixel-family model")
+    dim = engine_lib.embed_dim(restored.model)
+    idx, meta, arrays = index_lib.load(index_dir, expect={"fingerprint": restored.fingerprint,
+                                                          "dim": dim},
+                                       mmap_arrays=("image_states",))
+    files = arrays.get("image_files")
+    if files is None or files.dtype.kind != "U" or files.shape != (idx.size,):
+      raise index_lib.IndexFormatError(
+          f"{index_dir}/image_files.npy: expected {idx.size} file names; found "
+          f"{'none' if files is None else f'{files.dtype} {list(files.shape)}'}")
+    states = arrays.get("image_states") if use_image_cache else None
+    if states is not None and (states.ndim != 3 or len(states) != idx.size
+                               or not image_cache.supports(restored.model)):
+      raise index_lib.IndexFormatError(
+          f"{index_dir}/image_states.npy: expected [{idx.size}, P+1, Dv] image states of a model "
+          f"that reranks from them; found {list(states.shape)} for {restored.description}")
+    spec = images_lib.ImageSpec.from_dict(restored.image, where=f"{restored.path}: image")
+    root = os.path.abspath(images_dir or identity["images"])
+    if not os.path.isdir(root):
+      raise errors.expected(f"{'images_dir' if images_dir else meta_file + ': images'} {root!r}",
+                            "the folder of photos the index was built from (moved? pass its "
+                            "new place)", "no directory there")
+    corpus = image_folder.ImageFolder(root, files.tolist(), spec)
+    return cls(restored, corpus, None, idx, meta, states)
 
   # ---------------------------------------------------------------- the three verbs
 
@@ -153,18 +216,24 @@ class Retriever:
         raise ValueError(f"rerank: the checkpoint's mode {self.m.mode.name!r} has no cross-encoder")
       pairs = lambda rows, cand: self._pairs(ids, mask, rows, cand)  # noqa: E731
       res = self._reranker(be_ids.shape[1])(self.engine.ce_params, pairs, be_ids, be_scores)
-    image_ids = self.corpus.image_ids
-    return [[{"rank": j + 1, "row": int(r), "image_id": int(image_ids[r]),
-              "be_score": float(res["be"][q, j]), "ce_score": float(res["ce"][q, j]),
-              "score": float(res["score"][q, j]), "caption": self.describe[int(r)]}
+    return [[dict(rank=j + 1, row=int(r), **self._what(int(r)), be_score=float(res["be"][q, j]),
+                  ce_score=float(res["ce"][q, j]), score=float(res["score"][q, j]))
              for j, r in enumerate(res["ids"][q]) if r >= 0] for q in range(len(be_ids))]
+
+  def _what(self, row: int) -> dict:
+    """What a hit is: its file ("file" relative to the photo folder, "path" absolute) in a
+    folder index, else its image id and first caption."""
+    if self.folder:
+      return {"file": self.corpus.files[row], "path": self.corpus.path(row)}
+    return {"image_id": int(self.corpus.image_ids[row]), "caption": self.describe[row]}
 
   # ---------------------------------------------------------------- rerank plumbing
 
   def _reranker(self, k: int) -> rerank_lib.Reranker:
     if k not in self._rerankers:  # one jitted function per k; its shapes never change after
       self._rerankers[k] = rerank_lib.Reranker(self.m.model, k, self.query_block, self.fusion,
-                                               self.alpha, self.fusion_weight)
+                                               self.alpha, self.fusion_weight,
+                                               from_states=self.image_states is not None)
     return self._rerankers[k]
 
   def _pairs(self, token_ids, text_mask, rows, cand):
@@ -172,6 +241,10 @@ class Retriever:
     b, k = cand.shape
     tok = np.repeat(token_ids[rows][:, None], k, axis=1)
     mask = np.repeat(text_mask[rows][:, None], k, axis=1)
+    if self.image_states is not None:  # cached: [B * k, P+1, Dv]; no image mask to pass
+      uniq = np.unique(cand)  # sorted: one read of each candidate from the memmap
+      states = np.asarray(self.image_states[uniq], np.float32)[np.searchsorted(uniq, cand.reshape(-1))]
+      return tok, mask, states.reshape((b, k) + states.shape[1:]), np.zeros((b, k, 0), bool)
     regions, region_mask = self.corpus.region_features(cand.reshape(-1))
     return (tok, mask, regions.reshape((b, k) + regions.shape[1:]),
-            region_mask.reshape(b, k, -1))
+            region_mask.reshape((b, k) + region_mask.shape[1:]))

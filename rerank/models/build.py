@@ -19,6 +19,9 @@ from rerank.models import pretrained
 # With `config.init_from`, these config.model fields still apply; the architecture (sizes, eps,
 # activation, input layout) comes from the converted checkpoint.
 _RUNTIME_FIELDS = ("dtype", "remat", "dropout_rate", "attention_dropout_rate")
+# Pixel families also take these from config.model: no parameter depends on them (ViLT's BE
+# pooling and image canvas).
+_PIXEL_RUNTIME_FIELDS = ("pooling", "max_image_height", "max_image_width")
 
 
 def build_model(config, cls_token_id: int, vocab_size: int):
@@ -56,7 +59,7 @@ def _build_pixel_model(config, vocab_size: int):
     if meta.get("family") != family:
       raise ValueError(f"config.init_from {config.init_from!r}: expected a converted {family} checkpoint "
                        f"(config.model.family); found a {meta.get('family')} one")
-    runtime = {k: fields[k] for k in _RUNTIME_FIELDS if k in fields}
+    runtime = {k: fields[k] for k in _RUNTIME_FIELDS + _PIXEL_RUNTIME_FIELDS if k in fields}
     cfg = lib.Config.from_dict({**meta["model"], **runtime})
   else:
     cfg = lib.Config.from_dict({"vocab_size": vocab_size, **fields})

@@ -1,20 +1,26 @@
-"""Converting a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER) for our encoder.
+"""Converting a pretrained PyTorch checkpoint (BERT/XLM-R, OSCAR, M3P, UNITER; ViLT, BLIP).
 
 `convert(family, src, dst, ...)` reads the checkpoint's config, weights and tokenizer, maps the
 weights through the family's key layout (`families`), checks every key and shape
 (`pretrained.build_params`) and writes a converted checkpoint directory
 (`pretrained.write_converted`: model.json, params/, tokenizer/). `python -m rerank.convert` is
-its command line.
+its command line. Pixel families have their own converter module, `rerank/models/<family>_convert.py`
+(`PIXEL_CONVERTERS`), which `convert` hands them to with the tokenizer loader.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
 import time
 
+from rerank.models import blip_convert
 from rerank.models import families
 from rerank.models import pretrained
+from rerank.models import vilt_convert
+
+# Pixel families convert through their own module (their layout, heads and image settings).
+PIXEL_CONVERTERS = {"vilt": vilt_convert.convert, "blip": blip_convert.convert}
+ALL_FAMILIES = families.FAMILIES + tuple(PIXEL_CONVERTERS)
 
 
 def _vocab_is_cased(vocab: dict) -> bool:
@@ -72,31 +78,21 @@ def _read_vocab(path: str) -> dict:
     return {line.rstrip("\n"): i for i, line in enumerate(f)}
 
 
-@contextlib.contextmanager
-def _family_hint(family: str, guess: str | None):
-  """Adds "try --family=X" to a ConvertError when the keys look like another family's."""
-  try:
-    yield
-  except pretrained.ConvertError as e:
-    if not guess or guess == family:
-      raise
-    raise pretrained.ConvertError(f"{str(e).rstrip('.')}. The keys look like a {guess!r} checkpoint: "
-                                  f"try --family={guess}.") from e
-
-
 def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
             lower_case: str = "auto", seed: int = 0, model_config: str | None = None,
             log=print) -> dict:
   """Converts `src` into the directory `dst`; returns model.json's content. Raises ConvertError."""
+  if family in PIXEL_CONVERTERS:
+    return PIXEL_CONVERTERS[family](src, dst, tokenizer_dir, lower_case, seed, model_config, log,
+                                    load_tokenizer=load_hf_tokenizer)
   if family not in families.FAMILIES:
     raise pretrained.ConvertError(
-        f"--family: expected one of {', '.join(families.FAMILIES)}; found {family!r}")
+        f"--family: expected one of {', '.join(ALL_FAMILIES)}; found {family!r}")
   pretrained.check_destination(dst)
   t0 = time.perf_counter()
   src_dir = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
   files = pretrained.find_weights(src)
   weights = files[0] if len(files) == 1 else f"{src_dir} ({len(files)} shards)"
-  config, config_path = families.read_config(src_dir, family, model_config)
   state = {}
   for path in files:
     state.update(pretrained.read_state_dict(path))
@@ -104,10 +100,12 @@ def convert(family: str, src: str, dst: str, tokenizer_dir: str | None = None,
   guess = families.guess_family(state)
   # The layout is checked before the tokenizer is loaded: a checkpoint of another family then
   # fails with the family hint, not with whatever that family's tokenizer loader says.
-  with _family_hint(family, guess):
+  # The config too: another family's config.json may not pass this family's checks.
+  with families.family_hint(family, guess):
+    config, config_path = families.read_config(src_dir, family, model_config)
     state, spec, prefix = families.SPECS[family](config, state, config_path)
   tokenizer, tok_note = load_hf_tokenizer(family, config, tokenizer_dir or src_dir, lower_case)
-  with _family_hint(family, guess):
+  with families.family_hint(family, guess):
     params, report = pretrained.build_params(
         spec.cfg, state, spec.entries, optional=spec.optional, ignored=spec.ignored,
         fresh=spec.fresh, source=weights, seed=seed)

@@ -12,6 +12,7 @@ Sizes, vocabulary, eps and activation come from the checkpoint's config (M3P shi
 its sizes are read from the weight shapes).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -238,12 +239,16 @@ def guess_family(state: dict) -> str | None:
   """The family whose signature keys `state` has, for a hint when --family looks wrong."""
   keys = set(state)
   has = lambda suffix: any(k.endswith(suffix) for k in keys)  # noqa: E731
+  if has("embeddings.patch_embeddings.projection.weight") and has("embeddings.text_embeddings.word_embeddings.weight"):
+    return "vilt"  # transformers' ViltModel (pixel family: rerank.models.vilt_convert)
   if "attentions.0.q_lin.weight" in keys or has(".attentions.0.q_lin.weight"):
     return "m3p"
   if has("img_embeddings.img_linear.weight"):
     return "uniter"
   if has("img_embedding.weight"):
     return "oscar"
+  if has("vision_model.encoder.layers.0.self_attn.qkv.weight"):  # before bert: BLIP's text tower is BERT
+    return "blip"
   if has("encoder.layer.0.attention.self.query.weight"):
     return "bert"
   return None
@@ -306,3 +311,15 @@ def check_config_types(config: dict, path: str) -> None:
       continue
     if not ok(config[name]):
       raise ConvertError(f"{path}: {name}: expected {what}; found {json.dumps(config[name])[:80]}")
+
+
+@contextlib.contextmanager
+def family_hint(family: str, guess: str | None):
+  """Adds "try --family=X" to a ConvertError when the keys look like another family's."""
+  try:
+    yield
+  except ConvertError as e:
+    if not guess or guess == family:
+      raise
+    raise ConvertError(f"{str(e).rstrip('.')}. The keys look like a {guess!r} checkpoint: "
+                                  f"try --family={guess}.") from e

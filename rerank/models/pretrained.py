@@ -296,7 +296,7 @@ def _fresh(path: tuple[str, ...], shape, rng: np.random.Generator) -> np.ndarray
 
 
 def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored=(), fresh=(),
-                 source: str = "checkpoint", seed: int = 0):
+                 source: str = "checkpoint", seed: int = 0, shapes: dict | None = None):
   """Checks `state` against `entries` and returns (encoder param tree, report).
 
   Args:
@@ -308,10 +308,12 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
     ignored: key prefixes of heads we do not use (reported, not an error).
     fresh: our path prefixes that are new by design for this family (e.g. BERT's region
       embedding), freshly initialised and reported.
+    shapes: our parameter path -> shape; default: the region encoder's for `cfg` (a pixel
+      family passes its whole model's).
   Raises:
     ConvertError listing every missing, unexpected, mis-shaped and non-finite (NaN/inf) key.
   """
-  shapes = expected_shapes(cfg)
+  shapes = expected_shapes(cfg) if shapes is None else shapes
   by_path = {e.path: e for e in entries}
   missing, mismatched, nonfinite, report_fresh = [], [], [], []
   for e in entries:

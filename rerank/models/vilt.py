@@ -140,6 +140,7 @@ def patch_mask(image_mask, rows: int, cols: int):
   Nearest-neighbour downsampling as ViLT does it (patch r reads pixel row floor(r * H / rows)):
   with H a multiple of the patch size that is the patch's top-left pixel.
   """
+  image_mask = jnp.asarray(image_mask)  # a NumPy mask captured by jit cannot take traced indices
   h, w = image_mask.shape[1:]
   r = (jnp.arange(rows) * h) // rows
   c = (jnp.arange(cols) * w) // cols

@@ -27,7 +27,7 @@ MAX_SIDE = 2**31 - 1  # image sizes are stored as int32
 # Kinds of bad input, the keys of the `skipped` counts prepare reports.
 KINDS = ("malformed_row", "bad_width", "non_finite", "bad_region_count", "duplicate_id",
          "caption_without_image", "image_without_captions", "empty_caption", "missing_file",
-         "bad_file")
+         "bad_file", "missing_image", "bad_image", "huge_image")
 # Kinds that concern a whole file, not one item: `--skip_bad` cannot skip them.
 FILE_KINDS = ("missing_file", "bad_file")
 
@@ -62,6 +62,18 @@ class Image:
   regions: np.ndarray   # [N, 2054] float32: 2048 feature + 6 normalised box values
   boxes: np.ndarray     # [N, 4] float32 [x1/W, y1/H, x2/W, y2/H]
   image_size: tuple[int, int]  # (width, height) in pixels; (0, 0) where the release omits it
+  captions: list[str]
+  languages: list[str]
+
+
+@dataclasses.dataclass
+class PixelImage:
+  """One image of a split read from an image file (`sources.karpathy`): its encoded bytes."""
+
+  image_id: str
+  filename: str          # path relative to the image directory, as the source lists it
+  data: bytes            # the encoded file (JPEG / PNG), re-encoded only where converted
+  image_size: tuple[int, int]  # (width, height) in pixels, upright
   captions: list[str]
   languages: list[str]
 
