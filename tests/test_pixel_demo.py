@@ -84,10 +84,11 @@ def _set(config, **fields):
                                  "runlocal,mode=ce", "runlocal,family=blip,mode=be"])
 def test_pixel_demo_variants_validate(arg):
   assert validate.problems(demo_pixels.get_config(arg), num_devices=2) == []
+  assert validate.problems(demo_pixels.get_config(arg).to_dict(), num_devices=2) == []  # plain dict
 
 
 @pytest.mark.parametrize("family, fields, says", [
-    ("vilt", {"model.family": "vit"}, "config.model.family: expected one of regions, vilt, blip"),
+    ("vilt", {"model.family": "vit"}, "config.model.family: expected one of ['regions', 'vilt'"),
     ("vilt", {"image.kind": "blip"}, "config.image.kind: expected 'vilt'"),
     ("vilt", {"image.mean": [0.5, 0.5]}, "config.image.mean: expected 3"),
     ("vilt", {"image.size": 32, "image.max_size": 32},
