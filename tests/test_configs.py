@@ -34,7 +34,10 @@ def test_config_builds_as_a_package_module(rel, arg):
   c.lock()
   assert c.mode and c.total_steps > 0 and c.batch_size > 0 and c.eval.k > 0
   assert "k" not in c.search  # one rerank depth, eval.k, for evaluation and search
-  assert (c.model.feature_dim, c.model.box_dim) == (2048, 6)
+  if c.model.get("family", "regions") == "regions":
+    assert (c.model.feature_dim, c.model.box_dim) == (2048, 6)
+  else:  # a pixel family reads images: its preprocessing, no region width
+    assert c.image.kind == c.model.family and "feature_dim" not in c.model
 
 
 def test_paper_configs_import_as_a_package():

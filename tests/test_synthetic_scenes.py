@@ -1,10 +1,15 @@
-"""Tests for rerank.data.synthetic_scenes: determinism, shapes, caption truth, near-identity."""
+"""Tests for rerank.data.synthetic_scenes: determinism, shapes, caption truth, near-identity,
+rendered images."""
 
+import dataclasses
+import os
 import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from rerank import errors
 from rerank.data import synthetic_scenes as ss
 
 _TOKEN_RE = re.compile(r"[a-z]+|[^\sa-z]")
@@ -238,3 +243,78 @@ def test_region_features_build_the_detector_tables_once():
     again = s.region_features(rows)
     np.testing.assert_array_equal(again[0], first[0])
   assert ss._detector.cache_info().misses == built  # pylint: disable=protected-access
+
+
+
+# ---------------------------------------------------------------- rendered images
+def _box_pixels(s, row, size):
+  """[(x1, y1, x2, y2)] of row's objects on a size x size render, as render_one rounds them."""
+  return [(round(b[0] * size), round(b[1] * size), round(b[2] * size), round(b[3] * size))
+          for b in s.boxes[row, :s.num_regions[row]].tolist()]
+
+
+def test_render_is_deterministic_per_seed_and_image(scenes):
+  images = ss.render(scenes, np.arange(8), 48)
+  assert images.shape == (8, 48, 48, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(images, ss.render(scenes, np.arange(8), 48))
+  # an image does not depend on the batch it is rendered in
+  np.testing.assert_array_equal(ss.render(scenes, [5, 3, 5])[[0, 2]],
+                                ss.render(scenes, [5, 5]))
+  np.testing.assert_array_equal(ss.render(scenes, [3], 48)[0], images[3])
+  # same scenes under another seed: same objects, other pixel noise
+  other = dataclasses.replace(scenes, seed=scenes.seed + 1)
+  diff = np.abs(ss.render(other, [3], 48)[0].astype(int) - images[3])
+  assert 0 < diff.max() <= 6 * ss.PIXEL_NOISE
+  assert not np.array_equal(images[0], images[1])
+
+
+def test_render_draws_each_object_in_its_box_on_the_background(scenes):
+  size = 64
+  images = ss.render(scenes, np.arange(16), size).astype(np.float32)
+  for row in range(16):
+    outside = np.ones((size, size), bool)
+    for (x1, y1, x2, y2), (shape, colour, material, _) in zip(
+        _box_pixels(scenes, row, size), scenes.attributes[row].tolist()):
+      outside[y1:y2, x1:x2] = False
+      inside = images[row, y1:y2, x1:x2].reshape(-1, 3)
+      # the object covers part of its box with (roughly) its colour; glass lets half the
+      # background through
+      seen = ss.RGB[colour] if ss.MATERIALS[material] != "glass" else (
+          0.55 * ss.RGB[colour] + 0.45 * np.array(ss.BACKGROUND))
+      near = np.abs(inside - seen).max(-1) < 40
+      assert near.mean() > 0.1, (row, ss.SHAPES[shape], ss.COLOURS[colour], ss.MATERIALS[material])
+    rest = images[row][outside]  # background and its faint noise only
+    np.testing.assert_allclose(rest.mean(0), ss.BACKGROUND, atol=1.0)
+    assert rest.std() < 1.5 * ss.PIXEL_NOISE
+
+
+def test_render_shows_every_attribute():
+  # One object, centred, large: changing any one attribute changes the picture.
+  box = np.array([[0.3, 0.3, 0.7, 0.7, 0.4, 0.4]], np.float32)
+  base = np.array([[0, 0, 1, 2]], np.int32)
+  ref = ss.render_one(base, box, 48).astype(int)
+  for col, values in enumerate(ss.ATTRIBUTES[:3]):  # size is the box, checked above
+    for v in range(len(values)):
+      attrs = base.copy()
+      attrs[0, col] = v
+      changed = np.abs(ss.render_one(attrs, box, 48).astype(int) - ref).max()
+      assert (changed > 40) == (v != base[0, col]), (col, values[v])
+  small = ss.render_one(base, np.array([[0.4, 0.4, 0.6, 0.6, 0.2, 0.2]], np.float32), 48)
+  assert (np.abs(small.astype(int) - 128).max(-1) > 40).sum() < (np.abs(ref - 128).max(-1) > 40).sum()
+
+
+def test_write_images_writes_pngs_and_keeps_existing_files(tmp_path, scenes):
+  folder = tmp_path / "photos"
+  paths = ss.write_images(scenes, str(folder), rows=[0, 5], size=32)
+  assert [os.path.basename(p) for p in paths] == [ss.image_name(scenes.image_ids[r]) for r in (0, 5)]
+  assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in paths)  # no temp files
+  for p, pixels in zip(paths, ss.render(scenes, [0, 5], 32)):
+    with Image.open(p) as im:
+      assert im.format == "PNG"
+      np.testing.assert_array_equal(np.asarray(im.convert("RGB")), pixels)
+  with pytest.raises(errors.UserError, match="overwrite"):
+    ss.write_images(scenes, str(folder), rows=[5, 6], size=32)
+  assert len(os.listdir(folder)) == 2  # nothing written when one name is taken
+  ss.write_images(scenes, str(folder), rows=[5, 6], size=48, overwrite=True)
+  with Image.open(paths[1]) as im:
+    assert im.size == (48, 48)

@@ -3,7 +3,8 @@
 With `config.dataset.data_dir` set, the split is read from the TFDS dataset that
 `python -m rerank.data.prepare` wrote there (`rerank.data.prepared`): coco_oscar,
 flickr30k_butd, multi30k, cc_dev, or a prepared synthetic_scenes. Without it,
-synthetic_scenes is generated in memory (no prepare step, as in the demo).
+synthetic_scenes is generated in memory (no prepare step, as in the demo); for a pixel family
+(`config.model.family` vilt or blip) its scenes are rendered as images, batch by batch.
 """
 
 import os
@@ -41,9 +42,48 @@ def _synthetic_scenes(config, split: str, tokenizer, num_images=None):
   ids, mask = tokenize(tokenizer, scenes.captions, config.max_text_len)
   data = batches.RetrievalData(
       token_ids=ids, text_mask=mask, caption_image=np.asarray(scenes.caption_image, np.int32),
-      image_ids=scenes.image_ids, region_features=scenes.region_features,
+      image_ids=scenes.image_ids, region_features=_image_input(config, scenes),
       confusers=scenes.siblings())
   return data, scenes.captions
+
+
+def _image_input(config, scenes):
+  """rows -> the model's image input: region features, or for a pixel family the rendered
+  scenes (`config.dataset.image_size` pixels, default config.image.size) preprocessed as
+  config.image says: (images [B, H, W, 3] float32, mask [B, H, W] bool)."""
+  if config.model.get("family", "regions") in ("regions", "", None):
+    return scenes.region_features
+  spec = images.ImageSpec.from_dict(config.image)
+  return _RenderedScenes(scenes, config.dataset.get("image_size", 0) or spec.size, spec)
+
+
+class _RenderedScenes:
+  """Rendered, preprocessed scenes by row. A split whose inputs fit in CACHE_BYTES keeps each
+  row once computed: evaluation asks for the same test images for every CE query."""
+
+  CACHE_BYTES = 256 << 20
+
+  def __init__(self, scenes, size: int, spec: images.ImageSpec):
+    self.scenes, self.size, self.spec = scenes, size, spec
+    height, width = spec.canvas
+    fits = scenes.num_images * height * width * 4 * 4 <= self.CACHE_BYTES  # float32 x 3 + mask
+    self.cache = (np.zeros((scenes.num_images, height, width, 3), np.float32),
+                  np.zeros((scenes.num_images, height, width), bool),
+                  np.zeros(scenes.num_images, bool)) if fits else None
+
+  def __call__(self, rows):
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if self.cache is None:
+      return self._compute(rows)
+    pixels, mask, done = self.cache
+    todo = np.unique(rows[~done[rows]])
+    if todo.size:
+      pixels[todo], mask[todo] = self._compute(todo)
+      done[todo] = True
+    return pixels[rows], mask[rows]
+
+  def _compute(self, rows):
+    return images.preprocess_array(synthetic_scenes.render(self.scenes, rows, self.size), self.spec)
 
 
 LOADERS = {"synthetic_scenes": _synthetic_scenes}

@@ -46,6 +46,18 @@ Generative process (deterministic given ``(split, seed)``)
    ``vocabulary``).
 
 ``parse_caption`` inverts the grammar, so any caption can be checked against any image.
+
+Pixels (``render``, ``write_images``)
+-------------------------------------
+The same scenes as small RGB images, for the pixel families (ViLT, BLIP): every object drawn
+in its box (the box scaled to a square ``size`` x ``size`` canvas) on a mid-grey background,
+which keeps white and black objects visible. Shape = a silhouette (cube: square, sphere: disc,
+cylinder: narrow upright bar with round ends, cone: narrow triangle on a round base, torus:
+thick ring, pyramid: wide triangle, ring: thin ring, star: five points); colour = its fill;
+material = its surface: rubber flat, metal shaded with a white highlight, glass half
+transparent with a light rim, wooden striped. Drawn 4x supersampled and averaged down, so
+small objects keep their silhouettes. A faint per-pixel noise (std ``PIXEL_NOISE`` grey levels)
+is drawn from ``(seed, image id)``: an image is the same whichever batch renders it.
 """
 
 from __future__ import annotations
@@ -54,13 +66,17 @@ import collections
 import dataclasses
 import functools
 import itertools
+import os
 import random
 import re
 
 import numpy as np
 import tokenizers
 from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageDraw, ImageFilter
 from tokenizers import models, normalizers, pre_tokenizers, processors
+
+from rerank import errors
 
 SPLIT_SIZES = {"train": 29000, "dev": 1014, "test": 1000}  # images, like Flickr30k
 CAPTIONS_PER_IMAGE = 5
@@ -473,3 +489,163 @@ def build_tokenizer() -> tokenizers.Tokenizer:
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
   return tok
+
+
+# ---------------------------------------------------------------- pixels
+RENDER_SIZE = 64  # default side of a rendered image, pixels
+PIXEL_NOISE = 3.0  # std of the per-pixel noise, grey levels
+BACKGROUND = (128, 128, 128)
+RGB = np.array([(220, 35, 35), (35, 75, 230), (35, 165, 55), (240, 215, 35),  # in COLOURS order
+                (145, 45, 190), (250, 135, 20), (245, 245, 245), (15, 15, 15)], np.float32)
+_WOOD = np.array((120, 75, 35), np.float32)  # stripe colour of wooden objects
+_SUPERSAMPLE = 4
+
+
+def _silhouette(shape: str, w: int, h: int) -> np.ndarray:
+  """Mask [h, w] bool of `shape` filling a w x h box (supersampled pixels)."""
+  im = Image.new("L", (w, h), 0)
+  d = ImageDraw.Draw(im)
+  x2, y2, cx, e = w - 1, h - 1, (w - 1) / 2, 0.12 * h  # e: half height of a round end
+  if shape == "cube":
+    d.rectangle((0, 0, x2, y2), fill=1)
+  elif shape == "sphere":
+    d.ellipse((0, 0, x2, y2), fill=1)
+  elif shape == "cylinder":
+    lo, hi = 0.2 * w, 0.8 * w - 1
+    d.rectangle((lo, e, hi, y2 - e), fill=1)
+    d.ellipse((lo, 0, hi, 2 * e), fill=1)
+    d.ellipse((lo, y2 - 2 * e, hi, y2), fill=1)
+  elif shape == "cone":
+    lo, hi = 0.15 * w, 0.85 * w - 1
+    d.polygon([(cx, 0), (lo, y2 - e), (hi, y2 - e)], fill=1)
+    d.ellipse((lo, y2 - 2 * e, hi, y2), fill=1)
+  elif shape == "pyramid":
+    d.polygon([(cx, 0), (0, y2), (x2, y2)], fill=1)
+  elif shape in ("torus", "ring"):
+    d.ellipse((0, 0, x2, y2), fill=1)
+    f = 0.3 if shape == "torus" else 0.12  # band width: a thick ring vs a thin one
+    d.ellipse((f * w, f * h, x2 - f * w, y2 - f * h), fill=0)
+  elif shape == "star":
+    angle = np.pi * (np.arange(10) / 5 - 0.5)
+    radius = np.where(np.arange(10) % 2, 0.2, 0.5)
+    d.polygon(list(zip(cx + radius * w * np.cos(angle), (y2 / 2) + radius * h * np.sin(angle))),
+              fill=1)
+  else:
+    raise ValueError(f"no silhouette for shape {shape!r}")
+  return np.asarray(im, bool)
+
+
+def _surface(material: str, colour: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Colours [h, w, 3] of an object's pixels and opacity [h, w, 1] (glass lets light through)."""
+  h, w = mask.shape
+  y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+  alpha = np.ones((h, w, 1), np.float32)
+  if material == "rubber":  # matte: the flat colour
+    out = np.broadcast_to(colour, (h, w, 3)).copy()
+  elif material == "metal":  # lit from the top left, with a specular highlight there
+    shade = 1.25 - 0.6 * (x / w + y / h) / 2
+    out = colour * shade[..., None]
+    spot = (x / w - 0.32) ** 2 + (y / h - 0.3) ** 2 < 0.012
+    out[spot] = 255.0
+  elif material == "glass":  # half transparent, with a thin rim of light tinted by its colour
+    out = np.broadcast_to(colour, (h, w, 3)).copy()
+    alpha *= 0.55
+    rim = mask & ~_eroded(mask, max(1, min(h, w) // 16))
+    out[rim], alpha[rim] = 0.4 * colour + 0.6 * 255.0, 0.9
+  elif material == "wooden":  # horizontal grain
+    out = np.broadcast_to(colour, (h, w, 3)).copy()
+    grain = (y // max(1.0, h / 7)) % 2 == 1
+    out[grain] = 0.45 * colour + 0.55 * _WOOD
+  else:
+    raise ValueError(f"no surface for material {material!r}")
+  return np.clip(out, 0, 255), alpha
+
+
+def _eroded(mask: np.ndarray, r: int) -> np.ndarray:
+  """`mask` shrunk by r pixels (a pixel stays if its (2r+1)^2 neighbourhood is inside)."""
+  padded = np.pad(mask, r).astype(np.uint8) * 255  # outside the box counts as outside
+  im = Image.fromarray(padded).filter(ImageFilter.MinFilter(2 * r + 1))
+  return np.asarray(im)[r:-r, r:-r] > 0
+
+
+@functools.lru_cache(maxsize=8192)
+def _sprite(shape: int, colour: int, material: int, w: int, h: int):
+  """An object drawn into a w x h pixel box: (premultiplied colour [h, w, 3], coverage
+  [h, w, 1]), drawn _SUPERSAMPLE times finer and averaged down. Cached: a scene's objects
+  repeat across images, and the background under a box is uniform, so blending the averaged
+  sprite equals averaging the blended supersampled box."""
+  k = _SUPERSAMPLE
+  mask = _silhouette(SHAPES[shape], k * w, k * h)
+  colours, alpha = _surface(MATERIALS[material], RGB[colour], mask)
+  alpha = alpha * mask[..., None]
+  down = lambda x: x.reshape(h, k, w, k, x.shape[-1]).mean((1, 3))  # noqa: E731
+  return down(alpha * colours), down(alpha)
+
+
+@functools.lru_cache(maxsize=2)
+def _pixel_noise_tape(length: int) -> np.ndarray:
+  """A fixed tape of N(0, PIXEL_NOISE) values; an image's noise is a window of it."""
+  rng = np.random.default_rng(DETECTOR_SEED + 1)
+  return rng.standard_normal(_TAPE_LEN + length, dtype=np.float32) * np.float32(PIXEL_NOISE)
+
+
+def render_one(attributes: np.ndarray, boxes: np.ndarray, size: int = RENDER_SIZE,
+               noise: np.ndarray | None = None) -> np.ndarray:
+  """One image uint8 [size, size, 3]: attributes [R, 4] (-1 padded), boxes [R, 6] normalised.
+
+  `noise` [size, size, 3] float32 is added before rounding (`render` draws the image's own).
+  """
+  canvas = np.empty((size, size, 3), np.float32)
+  canvas[:] = BACKGROUND
+  for (shape, colour, material, _), box in zip(attributes.tolist(), boxes.tolist()):
+    if shape < 0:
+      continue
+    # The box on whole pixels of the canvas (the 640 x 480 frame stretched to a square).
+    x1, y1 = round(box[0] * size), round(box[1] * size)
+    x2, y2 = max(round(box[2] * size), x1 + 1), max(round(box[3] * size), y1 + 1)
+    paint, alpha = _sprite(shape, colour, material, x2 - x1, y2 - y1)
+    canvas[y1:y2, x1:x2] = paint + (1 - alpha) * canvas[y1:y2, x1:x2]
+  if noise is not None:
+    canvas += noise
+  return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def render(scenes: Scenes, rows, size: int = RENDER_SIZE) -> np.ndarray:
+  """Images of `rows` as uint8 [B, size, size, 3], each deterministic per (seed, image id)."""
+  rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+  n = size * size * 3
+  tape = _pixel_noise_tape(n)
+  starts = _tape_offsets(scenes.image_ids[rows], scenes.seed + 1, 1)[:, 0]  # [B]
+  out = np.empty((rows.size, size, size, 3), np.uint8)
+  for i, (r, start) in enumerate(zip(rows.tolist(), starts.tolist())):
+    out[i] = render_one(scenes.attributes[r], scenes.boxes[r], size,
+                        tape[start:start + n].reshape(size, size, 3))
+  return out
+
+
+def image_name(image_id: int) -> str:
+  """File name `write_images` gives image `image_id`."""
+  return f"scene_{int(image_id):08d}.png"
+
+
+def write_images(scenes: Scenes, folder: str, rows=None, size: int = RENDER_SIZE,
+                 overwrite: bool = False) -> list[str]:
+  """Writes `rows` (default: all) as PNG files `image_name(id)` into `folder`; their paths.
+
+  The folder is created if needed. Files of those names already there are an error unless
+  `overwrite`; each file is written to a temporary name first, then renamed.
+  """
+  rows = np.arange(scenes.num_images) if rows is None else np.asarray(rows, np.int64).reshape(-1)
+  paths = [os.path.join(folder, image_name(scenes.image_ids[r])) for r in rows]
+  taken = [p for p in paths if os.path.exists(p)]
+  if taken and not overwrite:
+    raise errors.expected(folder, "no files of the names to write (pass overwrite=True to replace "
+                          "them)", errors.entries(os.path.basename(p) for p in taken))
+  os.makedirs(folder, exist_ok=True)
+  for start in range(0, len(rows), 256):  # bounded memory for whole splits
+    chunk = rows[start:start + 256]
+    for path, pixels in zip(paths[start:start + 256], render(scenes, chunk, size)):
+      tmp = f"{path}.tmp{os.getpid()}"
+      Image.fromarray(pixels, "RGB").save(tmp, format="PNG")
+      os.replace(tmp, path)
+  return paths

@@ -24,6 +24,7 @@ process indexes its contiguous share, and the per-share top-k are merged (ties t
 as one exact index over everything).
 """
 
+import importlib
 import sys
 
 import jax
@@ -45,8 +46,11 @@ _PROGRESS_MIN_ROWS = 20_000
 def param_shardings(model, mode, mesh, rules):
   """NamedShardings of the mode's parameter tree by the logical axes the model declares."""
   cfg = model.cfg
-  dummy = (np.zeros((1, 8), np.int32), np.ones((1, 8), bool),
-           np.zeros((1, 1, cfg.region_width), np.float32), np.ones((1, 1), bool))
+  if hasattr(cfg, "region_width"):
+    image_input = (np.zeros((1, 1, cfg.region_width), np.float32), np.ones((1, 1), bool))
+  else:  # a pixel family (rerank/models/pixels.py): one image on its canvas
+    image_input = importlib.import_module(type(model).__module__).example_images(cfg, 1)
+  dummy = (np.zeros((1, 8), np.int32), np.ones((1, 8), bool), *image_input)
   boxed = jax.eval_shape(lambda r: model.init(r, *dummy)["params"], jax.random.PRNGKey(0))
   trees = modes.get(mode).param_trees
   if trees:

@@ -13,15 +13,19 @@ device count (the mesh, batch sizes that must split over its batch axis) run whe
 is given; the check that reads the disk (`init_from`) unless `files=False`.
 """
 
+import dataclasses
 import math
 from numbers import Number
 
 from rerank import errors
 from rerank.data import datasets
+from rerank.data import images
 from rerank.data import prepared
 from rerank.indexing import indexes
 from rerank.indexing import ranking
+from rerank.models import build
 from rerank.models import modes
+from rerank.models import pixels
 from rerank.models import pretrained
 from rerank.training import losses
 from rerank.training import sharding
@@ -68,6 +72,7 @@ def problems(config, num_devices: int | None = None, files: bool = True) -> list
   _losses(c, mode)
   _hard_negatives(c, mode)
   _data_and_eval(c, files)
+  _pixel_family(c, files)
   _mesh(c, mode, num_devices)
   return c.found
 
@@ -223,6 +228,58 @@ def _data_and_eval(c: _Checker, files: bool) -> None:
   split = c.get("eval.split")
   if not isinstance(split, str) or not split:
     c.problem("eval.split", "a split name such as 'test'", split)
+
+
+def _pixel_family(c: _Checker, files: bool) -> None:
+  """config.model.family; for a pixel family also config.image, the family's model fields and
+  whether the two agree on the image geometry and the text length."""
+  family = c.get("model.family", pixels.REGIONS) or pixels.REGIONS
+  if family == pixels.REGIONS:
+    return
+  if family not in pixels.FAMILIES:
+    c.problem("model.family", f"one of {[pixels.REGIONS, *pixels.FAMILIES]}", family)
+    return
+  spec = None
+  if c.get("image") is _MISSING:
+    c.problem("image", f"the {family} image preprocessing, e.g. dict(kind={family!r}, size=384)",
+              _MISSING)
+  else:
+    try:
+      spec = images.ImageSpec.from_dict(c.get("image"))
+    except ValueError as e:  # errors.UserError naming config.image.FIELD
+      c.found.append(str(e))
+  if spec is not None and spec.kind != family:
+    c.problem("image.kind", f"{family!r} (the preprocessing of config.model.family)", spec.kind)
+  lib = pixels.module(family)
+  model = c.get("model")
+  model = model.to_dict() if hasattr(model, "to_dict") else dict(model)  # ConfigDict or dict
+  fields = {k: v for k, v in model.items() if k not in ("family", "head_dropout")}
+  init_from = c.get("init_from", "")
+  if init_from:  # the sizes come from the checkpoint; without the files they are unknown
+    if not (files and pretrained.is_converted(init_from)):
+      return
+    runtime = build._RUNTIME_FIELDS  # pylint: disable=protected-access
+    fields = {**pretrained.read_meta(init_from).get("model", {}),
+              **{k: v for k, v in fields.items() if k in runtime}}
+  try:
+    lib.Config.from_dict({"vocab_size": 1, **fields})
+  except (TypeError, ValueError) as e:  # the message names model.FIELD
+    c.found.append(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}")
+  # Geometry from the fields as given (the family's defaults for the rest), bad ones or not.
+  given = {f.name: f.default for f in dataclasses.fields(lib.Config)}
+  given.update(fields)
+  if family == "vilt":
+    want, where = (given["max_image_height"], given["max_image_width"]), \
+        "max_image_height x max_image_width"
+  else:
+    want, where = (given["image_size"], given["image_size"]), "image_size"
+  if spec is not None and spec.canvas != want:  # the model is built for one input shape
+    c.problem("image", f"preprocessing onto the model's {want[0]} x {want[1]} image input "
+              f"(config.model.{where})", f"{spec.canvas[0]} x {spec.canvas[1]}")
+  text_len, positions = c.get("max_text_len", None), given["max_position_embeddings"]
+  if isinstance(text_len, int) and isinstance(positions, int) and text_len > positions:
+    c.problem("max_text_len", f"at most the model's {positions} text positions "
+              "(config.model.max_position_embeddings)", text_len)
 
 
 def _mesh(c: _Checker, mode: modes.Mode | None, num_devices: int | None) -> None:
