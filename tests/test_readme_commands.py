@@ -146,6 +146,14 @@ COMMANDS = {
     'sphere" --k=20 --rerank': Run(
         'python -m rerank.search --index={index} --query="a red metal cube left of a sphere" '
         "--k=20 --rerank", "the `:runlocal` index", says="a red metal cube left of a sphere"),
+    # A pixel demo
+    "python -m rerank.train --config=configs/demo_pixels.py --workdir=workdirs/demo_pixels": Covered(
+        "tests/test_pixel_demo.py::test_runlocal_trains_and_evaluates_from_pixels",
+        "its `:runlocal` variant (ViLT), trained and evaluated in process"),
+    "python -m rerank.train --config=configs/demo_pixels.py:family=blip "
+    "--workdir=workdirs/demo_pixels_blip": Covered(
+        "tests/test_pixel_demo.py::test_runlocal_trains_and_evaluates_from_pixels",
+        "its `:runlocal,family=blip` variant, trained and evaluated in process"),
     # Search a folder of photos
     "python -m rerank.convert --family=blip --src=HF_DIR --dst=blip_conv": Covered(
         "tests/test_blip.py::test_itc_and_itm_match_transformers", "its `hf` fixture converts a "
