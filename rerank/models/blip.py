@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rerank.models import encoder as encoder_lib
+from rerank.models import pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,14 +86,9 @@ class Config:
   @classmethod
   def from_dict(cls, d: dict) -> "Config":
     """A Config from its `dataclasses.asdict` form; ValueError naming an unknown or bad field."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model.{unknown[0]}: expected one of the BLIP fields ({', '.join(sorted(known))}); "
-                       "found an unknown field")
     if "vocab_size" not in d:
       raise ValueError("model.vocab_size: expected an integer >= 1; found nothing")
-    return cls(**d)
+    return pixels.config_from_dict(cls, d, "BLIP")
 
   @property
   def embed_dim(self) -> int:

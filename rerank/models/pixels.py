@@ -16,6 +16,7 @@ region_mask [B, R]): everything between the data and the model passes both throu
 The modules are imported lazily so that region-family users never load them.
 """
 
+import dataclasses
 import importlib
 
 FAMILIES = ("vilt", "blip")
@@ -45,3 +46,13 @@ def module(family: str):
 def model_fields(config) -> dict:
   """config.model as keyword arguments of the family's Config (no family, no head_dropout)."""
   return {k: v for k, v in config.model.to_dict().items() if k not in ("family", "head_dropout")}
+
+
+def config_from_dict(cls, d: dict, name: str):
+  """`cls(**d)` for a family's Config dataclass; ValueError naming the first unknown field."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"model.{unknown[0]}: expected one of the {name} fields ({', '.join(sorted(known))}); "
+                     "found an unknown field")
+  return cls(**d)

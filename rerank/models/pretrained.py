@@ -295,6 +295,16 @@ def _fresh(path: tuple[str, ...], shape, rng: np.random.Generator) -> np.ndarray
   return (np.clip(rng.standard_normal(shape), -2, 2) * 0.02).astype(np.float32)
 
 
+def key_problems(missing, unexpected, mismatched) -> list[str]:
+  """The parts of a checkpoint-mismatch error: "N missing key(s): a; b" etc., 20 names each."""
+  problems = []
+  for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+    if items:
+      shown = "; ".join(items[:20]) + (f"; ... ({len(items) - 20} more)" if len(items) > 20 else "")
+      problems.append(f"{len(items)} {title} key(s): {shown}")
+  return problems
+
+
 def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored=(), fresh=(),
                  source: str = "checkpoint", seed: int = 0, shapes: dict | None = None):
   """Checks `state` against `entries` and returns (encoder param tree, report).
@@ -332,11 +342,7 @@ def build_params(cfg, state: dict, entries: list[Entry], *, optional=(), ignored
   used = {e.key for e in entries}
   ignored_keys = sorted(k for k in state if k not in used and k.startswith(tuple(ignored)))
   unexpected = sorted(k for k in state if k not in used and k not in ignored_keys)
-  problems = []
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-    if items:
-      shown = "; ".join(items[:20]) + (f"; ... ({len(items) - 20} more)" if len(items) > 20 else "")
-      problems.append(f"{len(items)} {title} key(s): {shown}")
+  problems = key_problems(missing, unexpected, mismatched)
   if problems:
     raise ConvertError(f"{source}: does not match the {cfg.num_layers}-layer, {cfg.hidden_size}-wide "
                        f"encoder its config describes. " + " | ".join(problems))

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rerank.models import encoder as encoder_lib
+from rerank.models import pixels
 
 POOLINGS = ("mean", "cls")
 
@@ -87,12 +88,7 @@ class Config:
   @classmethod
   def from_dict(cls, d: dict) -> "Config":
     """A Config from its dict form; ValueError naming an unknown or bad field."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"model.{unknown[0]}: expected one of the ViLT fields ({', '.join(sorted(known))}); "
-                       "found an unknown field")
-    return cls(**d)
+    return pixels.config_from_dict(cls, d, "ViLT")
 
   @property
   def embed_dim(self) -> int:

@@ -283,11 +283,7 @@ def build_params(cfg: vilt.Config, state: dict, head: dict, source: str, seed: i
         missing.append(key)
   used = {e.key for e in todo}
   unexpected = sorted(name(k) for k in state if k not in used and k not in ignored)
-  problems = []
-  for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
-    if items:
-      shown = "; ".join(items[:20]) + (f"; ... ({len(items) - 20} more)" if len(items) > 20 else "")
-      problems.append(f"{len(items)} {title} key(s): {shown}")
+  problems = pretrained.key_problems(missing, unexpected, mismatched)
   if problems:
     raise pretrained.ConvertError(
         f"{source}: does not match the {cfg.num_layers}-layer, {cfg.hidden_size}-wide ViLT model its "
