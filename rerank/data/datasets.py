@@ -51,7 +51,7 @@ def _image_input(config, scenes):
   """rows -> the model's image input: region features, or for a pixel family the rendered
   scenes (`config.dataset.image_size` pixels, default config.image.size) preprocessed as
   config.image says: (images [B, H, W, 3] float32, mask [B, H, W] bool)."""
-  if config.model.get("family", "regions") in ("regions", "", None):
+  if _family(config) in ("regions", "", None):
     return scenes.region_features
   spec = images.ImageSpec.from_dict(config.image)
   return _RenderedScenes(scenes, config.dataset.get("image_size", 0) or spec.size, spec)
