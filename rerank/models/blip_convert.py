@@ -156,13 +156,7 @@ def image_settings(src_dir: str, cfg: blip.Config) -> tuple[dict, str]:
     spec = dict(kind="blip", size=cfg.image_size, mean=list(CLIP_MEAN), std=list(CLIP_STD), resample="bicubic")
     return spec, (f"no preprocessor_config.json in {src_dir}: BlipImageProcessor's defaults "
                   f"(size {cfg.image_size}, CLIP mean/std, bicubic)")
-  try:
-    with open(path) as f:
-      c = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConvertError(f"{path}: cannot read JSON ({e})") from e
-  if not isinstance(c, dict):
-    raise ConvertError(f"{path}: expected a JSON object; found {type(c).__name__}")
+  c = pretrained.read_json_object(path)
   size = c.get("size", cfg.image_size)
   if isinstance(size, dict):
     size = size.get("height") if size.get("height") == size.get("width") else size

@@ -20,7 +20,7 @@ import os
 import re
 
 from rerank.models import encoder as encoder_lib
-from rerank.models.pretrained import ConvertError, Entry
+from rerank.models.pretrained import ConvertError, Entry, read_json_object
 
 FAMILIES = ("bert", "oscar", "m3p", "uniter")
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
@@ -264,13 +264,7 @@ def read_config(src_dir: str, family: str, path: str | None = None) -> tuple[dic
       return {}, "(no config.json)"
     raise ConvertError(f"{src_dir}: no config.json (the {family} family reads its sizes from it; "
                        "or pass --model_config=FILE)")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConvertError(f"{path}: cannot read JSON ({e})") from e
-  if not isinstance(config, dict):
-    raise ConvertError(f"{path}: expected a JSON object; found {type(config).__name__}")
+  config = read_json_object(path)
   check_config_types(config, path)
   return config, path
 

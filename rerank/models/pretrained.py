@@ -295,6 +295,18 @@ def _fresh(path: tuple[str, ...], shape, rng: np.random.Generator) -> np.ndarray
   return (np.clip(rng.standard_normal(shape), -2, 2) * 0.02).astype(np.float32)
 
 
+def read_json_object(path: str) -> dict:
+  """The JSON object in file `path` (a checkpoint's config); ConvertError naming the file otherwise."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConvertError(f"{path}: cannot read JSON ({e})") from e
+  if not isinstance(value, dict):
+    raise ConvertError(f"{path}: expected a JSON object; found {type(value).__name__}")
+  return value
+
+
 def key_problems(missing, unexpected, mismatched) -> list[str]:
   """The parts of a checkpoint-mismatch error: "N missing key(s): a; b" etc., 20 names each."""
   problems = []

@@ -139,13 +139,7 @@ def read_config(src_dir: str, path: str | None = None) -> tuple:
   if not os.path.isfile(path):
     raise pretrained.ConvertError(f"{src_dir}: no config.json (ViLT reads its sizes from it; or pass "
                                   "--model_config=FILE)")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise pretrained.ConvertError(f"{path}: cannot read JSON ({e})") from e
-  if not isinstance(config, dict):
-    raise pretrained.ConvertError(f"{path}: expected a JSON object; found {type(config).__name__}")
+  config = pretrained.read_json_object(path)
   config = {k: v for k, v in config.items() if not (k == "pad_token_id" and v is None)}
   families.check_config_types(config, path)
   return config, path
@@ -185,13 +179,7 @@ def image_settings(src_dir: str) -> tuple:
   if not os.path.isfile(path):
     c, note = {}, f"no preprocessor_config.json in {src_dir}: ViLT's defaults"
   else:
-    try:
-      with open(path) as f:
-        c = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise pretrained.ConvertError(f"{path}: cannot read JSON ({e})") from e
-    if not isinstance(c, dict):
-      raise pretrained.ConvertError(f"{path}: expected a JSON object; found {type(c).__name__}")
+    c = pretrained.read_json_object(path)
     note = f"image preprocessing from {path}"
   where = path if c else src_dir
   if not c.get("do_resize", True):
