@@ -27,6 +27,7 @@ from rerank.models import blip
 from rerank.models import build
 from rerank.models import convert as convert_lib
 from rerank.models import pretrained
+from optional import require  # tests/, on the path as pytest runs these files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "dog", "cat", "red", "blue", "sits", "on",
@@ -39,14 +40,6 @@ VISION = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, interm
 TOL = 1e-4
 quiet = dict(log=lambda *_: None)
 
-
-def require(module: str):
-  try:
-    return __import__(module)
-  except ImportError:
-    if os.environ.get("RERANK_REQUIRE_OPTIONAL"):
-      pytest.fail(f"{module} is required (RERANK_REQUIRE_OPTIONAL is set): pip install -e '.[torch]'")
-    pytest.skip(f"needs {module} (pip install -e '.[torch]')")
 
 
 @pytest.fixture(scope="module")

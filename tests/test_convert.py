@@ -23,6 +23,7 @@ from rerank.data import datasets
 from rerank.models import convert as convert_lib
 from rerank.models import encoder as encoder_lib
 from rerank.models import pretrained
+from optional import require  # tests/, on the path as pytest runs these files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "a", "dog", "cat", "red", "blue", "sits", "on", "mat", "##s", "big", "small", "runs",
@@ -30,15 +31,6 @@ WORDS = ["the", "a", "dog", "cat", "red", "blue", "sits", "on", "mat", "##s", "b
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"w{i}" for i in range(15)]  # 40
 H, LAYERS, HEADS, MLP = 32, 2, 4, 64
 
-
-def require(module: str):
-  """Imports an optional module; skips without it, fails when RERANK_REQUIRE_OPTIONAL is set."""
-  try:
-    return __import__(module)
-  except ImportError:
-    if os.environ.get("RERANK_REQUIRE_OPTIONAL"):
-      pytest.fail(f"{module} is required (RERANK_REQUIRE_OPTIONAL is set): pip install -e '.[torch]'")
-    pytest.skip(f"needs {module} (pip install -e '.[torch]')")
 
 
 def _encode(tree, cfg, ids, tmask, regions=None, rmask=None):

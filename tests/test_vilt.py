@@ -27,6 +27,7 @@ from rerank.models import build
 from rerank.models import convert as convert_lib
 from rerank.models import pretrained
 from rerank.models import vilt
+from optional import require  # tests/, on the path as pytest runs these files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "red", "sits", "on", "mat",
@@ -35,15 +36,6 @@ SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
 CANVAS = (48, 64)  # one full image and one 32 x 40 image padded into it; 8-pixel patches
 QUIET = dict(log=lambda *_: None)
 
-
-def require(module: str):
-  """Imports an optional module; skips without it, fails when RERANK_REQUIRE_OPTIONAL is set."""
-  try:
-    return __import__(module)
-  except ImportError:
-    if os.environ.get("RERANK_REQUIRE_OPTIONAL"):
-      pytest.fail(f"{module} is required (RERANK_REQUIRE_OPTIONAL is set): pip install -e '.[torch]'")
-    pytest.skip(f"needs {module} (pip install -e '.[torch]')")
 
 
 def _randomise(model, torch):
